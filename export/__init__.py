@@ -1,0 +1,1 @@
+"""Export stage: ONNX export, TensorRT engine build, parity checks."""

@@ -1,0 +1,1 @@
+"""Serving stage: batch segmentation of folders, retrieval queries, HTTP service."""
