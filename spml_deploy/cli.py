@@ -139,6 +139,78 @@ def eval_cmd(pred_dir: Path, dataset: Path, split: str, json_out: Path | None,
         click.echo(f"wrote {json_out}")
 
 
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def _parse_set(values: tuple[str, ...]) -> dict:
+    """``--set section.key=value`` pairs -> nested dict (values parsed as YAML scalars/lists)."""
+    import yaml
+
+    out: dict = {}
+    for item in values:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise click.BadParameter(f"'{item}' is not SECTION.KEY=VALUE (e.g. train.lr=0.01)",
+                                     param_hint="--set")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+@cli.command("train", context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--supervision", type=click.Choice(["full", "scribbles", "points", "boxes", "tags"]),
+              default="points", show_default=True, help="Which annotation trains the model.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to write.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML/JSON file overriding any config value (sections: model, preprocess, "
+                   "loss, segmentation, train, compat).")
+@click.option("--preset", "preset_name", default="tiny", show_default=True,
+              type=click.Choice(["tiny", "resnet18", "resnet50", "resnet101"]),
+              help="Network size; tiny trains on a CPU in minutes.")
+@click.option("--iters", type=int, help="Training iterations (preset: tiny 300, resnets 30000).")
+@click.option("--batch", type=int, help="Images per iteration (preset per supervision, spec §8).")
+@click.option("--crop", type=int, help="Training crop size, multiple of 8.")
+@click.option("--lr", type=float, help="Base learning rate (3e-3).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (same step, same schedule).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--val-every", type=int, help="Score f0 on the val split every N steps (needs masks).")
+@click.option("--baseline", type=click.Choice(["pce", "ce"]),
+              help="Train a baseline instead of SPML: pce = cross-entropy on the labelled pixels "
+                   "of the weak labels; ce = cross-entropy on full masks.")
+@click.option("--workers", type=int, help="Data-loading worker processes.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value, e.g. --set loss.lambda_c=0.5 (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | None,
+              preset_name: str, iters, batch, crop, lr, device, resume, seed, val_every, baseline,
+              workers, sets, quiet) -> None:
+    """Learn SPML pixel embeddings (and the classifier f0) from DATASET's weak annotations.
+
+    Values come from the preset for the supervision kind and network size (spec §8), then
+    --config, then --set, then the explicit options. The resolved config is saved in the run
+    folder together with weights, a resumable checkpoint and train_log.jsonl.
+    """
+    from spml_deploy.training.train import train
+
+    overrides = _parse_set(sets)
+    tr = overrides.setdefault("train", {})
+    for key, value in dict(iters=iters, batch=batch, crop=crop, lr=lr, seed=seed,
+                           val_every=val_every, workers=workers, baseline=baseline).items():
+        if value is not None:
+            tr[key] = value
+    result = train(dataset, supervision, out, preset_name=preset_name, config_file=config_file,
+                   overrides=overrides, device=device, resume=resume, progress=not quiet)
+    click.echo(f"run written to {result['run']} ({result['steps']} steps)")
+    if result.get("val"):
+        click.echo(f"val mIoU (f0): {result['val']['miou']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
     try:

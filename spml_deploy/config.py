@@ -122,6 +122,9 @@ class TrainConfig:
     box_threshold: float = 0.5
     overseg: str = "felzenszwalb"
     pretrained: str = ""            # path to ImageNet weights (torchvision state dict), "" = scratch
+    workers: int = 0                # data-loading worker processes (0 = in the training process)
+    train_split: str = "train"
+    val_split: str = "val"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""Run folders and bundles: the ``spml.json`` manifest, file hashes, atomic writes.
+
+A manifest describes a run folder (written by ``train``) or a bundle (written by ``export``):
+model config, preprocessing, classes and palette, the files with their sha256, exports with
+their parity numbers, provenance. It is the only contract between stages besides the files.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spml_deploy import __version__
+from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict, to_dict
+from spml_deploy.errors import ConfigError, ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST = "spml.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace`` (no corrupt checkpoint on kill)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_weights(path: str | Path) -> dict:
+    """Load a state dict saved by this project (``weights_only=True``: no pickled code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError("weights file is missing", path=path,
+                            fix="point to a complete run folder, or re-run training with --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/truncated archives
+        raise ManifestError(f"weights file is corrupt or not a weights-only state dict ({exc})",
+                            path=path, fix="re-run training (or --resume from the checkpoint)") from exc
+
+
+@dataclass
+class Manifest:
+    """Contents of ``spml.json``."""
+
+    kind: str                                   # "run" or "bundle"
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    classes: list[str]
+    palette: list[list[int]]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> {path, sha256, bytes}
+    exports: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)           # supervision, iters, metrics
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def add_file(self, folder: str | Path, role: str, relpath: str) -> None:
+        p = Path(folder) / relpath
+        self.files[role] = {"path": relpath, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "kind": self.kind,
+            "model": to_dict(self.model),
+            "preprocess": to_dict(self.preprocess),
+            "classes": list(self.classes),
+            "palette": [list(map(int, c)) for c in self.palette],
+            "files": self.files,
+            "exports": self.exports,
+            "training": self.training,
+            "provenance": self.provenance,
+        }
+
+
+def provenance() -> dict[str, Any]:
+    import torch
+
+    return {
+        "spml_deploy": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate ``folder/spml.json``; with ``verify``, check every listed file's sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
+    if not path.is_file():
+        raise ManifestError("no spml.json here: not a run folder or bundle", path=folder,
+                            fix="pass the folder written by 'spml-deploy train' or 'spml-deploy export'")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                            path=path) from exc
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ManifestError("not an spml-deploy manifest (no schema_version)", path=path)
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise ManifestError(f"manifest schema {data['schema_version']} is newer than this "
+                            f"spml-deploy understands ({SCHEMA_VERSION})", path=path,
+                            fix="upgrade spml-deploy")
+    try:
+        m = Manifest(
+            kind=data["kind"],
+            model=from_dict(ModelConfig, data["model"]),
+            preprocess=from_dict(PreprocessConfig, data["preprocess"]),
+            classes=list(data["classes"]),
+            palette=[list(c) for c in data["palette"]],
+            files=dict(data.get("files", {})),
+            exports=list(data.get("exports", [])),
+            training=dict(data.get("training", {})),
+            provenance=dict(data.get("provenance", {})),
+            schema_version=int(data["schema_version"]),
+        )
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ManifestError(f"manifest is incomplete or malformed ({exc})", path=path) from exc
+    if verify:
+        root = path.parent
+        for role, info in m.files.items():
+            fp = root / info["path"]
+            if not fp.is_file():
+                raise ManifestError(f"file '{info['path']}' ({role}) listed in spml.json is missing",
+                                    path=root, fix="copy the complete folder, or re-create it")
+            if info.get("sha256") and sha256_file(fp) != info["sha256"]:
+                raise ManifestError(f"file '{info['path']}' ({role}) does not match its sha256 in "
+                                    "spml.json (corrupt or replaced)", path=root,
+                                    fix="re-create the folder (train/export again)")
+    return m

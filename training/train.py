@@ -1,0 +1,318 @@
+"""The SPML training loop (``spml-deploy train``): embedding network + jointly trained f0.
+
+One step (spec sections 3-6): embeddings of a batch of augmented crops, per-image spherical
+k-means, segments split by (cluster, weak label, region), the four relationship losses against
+the current segments and the memory bank, plus the cross-entropy of the classifier f0 trained on
+detached embeddings (``compat.joint_classifier``). Baselines: ``pce`` trains the same network
+and classifier end to end with cross-entropy on the labelled pixels of the weak labels only;
+``ce`` does the same with the full masks.
+
+The run folder holds ``config.json`` (resolved), ``checkpoint.pt`` (weights + optimizer + step,
+for ``--resume``), ``weights.pt`` (weights only), ``train_log.jsonl`` and ``spml.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_text, load_weights,
+                                   provenance, write_manifest)
+from spml_deploy.config import VOID, RunConfig, from_dict, to_dict
+from spml_deploy.data import Dataset
+from spml_deploy.errors import ConfigError, TrainingError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.pt"
+CONFIG = "config.json"
+LOG = "train_log.jsonl"
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Spec 6: poly 0.9 decay with linear warm-up over the first ``warmup`` steps."""
+    t, T, base = step, max(cfg.train.iters, 1), cfg.train.lr
+    lr = base * (1.0 - min(t, T - 1) / T) ** 0.9
+    if t < cfg.train.warmup:
+        lr = min(base * (0.1 * (1 - t / cfg.train.warmup) + t / cfg.train.warmup), lr)
+    return lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def _ce(logits: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy on logits upsampled to the label size; VOID and UNL (>= C) ignored."""
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    target = torch.where(label >= num_classes, torch.full_like(label, -100), label)
+    if not (target >= 0).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=-100)
+
+
+class Trainer:
+    """Holds model, classifier, optimizer and memory; ``step`` runs one iteration."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device):
+        from spml_deploy.model import build_model, param_groups
+
+        self.cfg, self.C, self.device = cfg, num_classes, device
+        self.net, self.f0 = build_model(cfg.model)
+        if cfg.train.pretrained:
+            from spml_deploy.model import load_pretrained_backbone
+
+            load_pretrained_backbone(self.net, cfg.train.pretrained)
+        self.net.to(device)
+        self.f0.to(device)
+        groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay)
+        self.opt = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+        self.memory = None
+        if not cfg.train.baseline:
+            from spml_deploy.training.spml_loss import MemoryBank
+
+            self.memory = MemoryBank(cfg.segmentation.memory_size)
+
+    def train_mode(self) -> None:
+        from spml_deploy.model import set_train_mode
+
+        set_train_mode(self.net, True)
+        self.f0.train()
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        from spml_deploy.prototypes import resize_labels_nearest
+
+        cfg, C = self.cfg, self.C
+        x = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        set_lr(self.opt, lr_at(step, cfg))
+        e = self.net(x)                                            # [B, D, h, w] raw
+        phi = F.normalize(e, dim=1, eps=1e-12)
+        out: dict[str, torch.Tensor] = {}
+        if cfg.train.baseline:
+            ce = _ce(self.f0(phi), label, C)                       # end to end: gradient into net
+            loss = ce
+            out["CE"] = ce
+        else:
+            from spml_deploy.training.spml_loss import spml_losses
+
+            h, w = e.shape[-2:]
+            lab_d = resize_labels_nearest(label, (h, w))
+            reg_d = resize_labels_nearest(batch["region"].to(self.device), (h, w))
+            res = spml_losses(e, lab_d, reg_d, batch["tags"].to(self.device), cfg.loss,
+                              cfg.segmentation, cfg.compat, self.memory, C)
+            loss = res["loss"]
+            out.update({k: res[k] for k in ("L_I", "L_A", "L_C", "L_O") if k in res})
+            ce = _ce(self.f0(phi.detach()), label, C)
+            out["CE_f0"] = ce
+            loss = loss + (cfg.loss.lambda_a if cfg.compat.joint_classifier else 1.0) * ce
+        out["loss"] = loss
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at step {step} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in out.items())}); "
+                "the last good checkpoint is kept",
+                fix="lower --lr or check the annotations; resume with --resume")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return {k: float(v) for k, v in out.items()}
+
+    def state(self, step: int) -> dict[str, Any]:
+        st = {"net": self.net.state_dict(), "f0": self.f0.state_dict(),
+              "optimizer": self.opt.state_dict(), "step": step}
+        if self.memory is not None:
+            st["memory"] = self.memory.state_dict()
+        return st
+
+    def load_state(self, st: dict[str, Any]) -> int:
+        self.net.load_state_dict(st["net"])
+        self.f0.load_state_dict(st["f0"])
+        self.opt.load_state_dict(st["optimizer"])
+        if self.memory is not None and "memory" in st:
+            self.memory.load_state_dict(st["memory"])
+        return int(st["step"])
+
+
+def resolve_config(num_classes: int, supervision: str, preset_name: str, config_file: Path | None,
+                   overrides: dict[str, Any]) -> RunConfig:
+    """Preset for (supervision, network size), then the config file, then command-line values."""
+    from spml_deploy.config import (apply_official_loss_scale, load_config_file, override,
+                                    preset)
+
+    cfg = preset(supervision, preset_name, num_classes)
+    if config_file is not None:
+        cfg = override(cfg, load_config_file(config_file), "config")
+    cfg = override(cfg, overrides, "config")
+    if cfg.compat.official_loss_scale:
+        cfg = apply_official_loss_scale(cfg)
+    if cfg.train.crop % 8:
+        raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
+                          fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
+    if cfg.model.num_classes != num_classes:
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
+    if cfg.preprocess.max_side == 512 and cfg.train.crop != 512:
+        # test-time size follows the training crop (spec 7.1: 512 crop -> longest side 512)
+        cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_side=cfg.train.crop))
+    return cfg
+
+
+def evaluate_f0(net, f0, dataset: Dataset, split: str, cfg: RunConfig, device) -> dict[str, Any]:
+    """mIoU of f0's predictions on a split with masks (same scoring code as ``spml-deploy eval``)."""
+    from spml_deploy.data import load_mask
+    from spml_deploy.imageio import read_image
+    from spml_deploy.metrics import ConfusionMeter
+    from spml_deploy.pipeline import predict_logits
+
+    meter = ConfusionMeter(dataset.num_classes)
+    net.eval()
+    f0.eval()
+    with torch.no_grad():
+        for rec in dataset.split(split):
+            gt = load_mask(rec)
+            if gt is None:
+                continue
+            logits = predict_logits(net, f0, read_image(rec.path), cfg.preprocess, device)
+            meter.update(logits.argmax(0).cpu().numpy(), gt)
+    return meter.scores(dataset.class_names).to_dict()
+
+
+def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str = "tiny",
+          config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+          device: str = "cpu", resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train SPML embeddings (or a baseline) on ``dataset_root``; write the run folder ``out``."""
+    from spml_deploy.data import load_dataset
+
+    dataset = load_dataset(dataset_root, check_files=True)
+    C = dataset.num_classes
+    out = Path(out)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available",
+                          fix="use --device cpu")
+
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise ConfigError("--resume: no config.json in the run folder", path=out,
+                              fix="start a new run without --resume")
+        cfg = from_dict(RunConfig, json.loads((out / CONFIG).read_text()))
+    else:
+        if (out / CHECKPOINT).exists() or (out / WEIGHTS).exists():
+            raise ConfigError("the run folder already holds a run", path=out,
+                              fix="pass --resume to continue it, or choose another --out")
+        cfg = resolve_config(C, supervision, preset_name, config_file, overrides or {})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG, json.dumps(to_dict(cfg), indent=2) + "\n")
+    sup = cfg.train.supervision
+    label_kind = "full" if cfg.train.baseline == "ce" else sup
+    if label_kind == "full" and dataset.annotation_kinds().get("masks", 0) == 0:
+        raise TrainingError("full supervision needs masks/<stem>.png; the dataset has none",
+                            path=dataset_root,
+                            fix=f"use --supervision with one of: {', '.join(_kinds(dataset))}")
+
+    torch.manual_seed(cfg.train.seed)
+    records = dataset.split(cfg.train.train_split)
+    cams = None
+    if label_kind in ("tags", "boxes"):
+        cams = _cams(dataset, records, cfg, out, dev, progress)
+    from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
+
+    items = prepare(dataset, records, label_kind, cfg, out / "cache", device, cams, progress)
+    trainer = Trainer(cfg, C, dev)
+    start = 0
+    if resume and (out / CHECKPOINT).is_file():
+        start = trainer.load_state(load_weights(out / CHECKPOINT))
+        log.info("resumed at step %d", start)
+    if start >= cfg.train.iters:
+        log.info("run already complete (%d steps)", start)
+    tset = TrainSet(items, cfg, C, cfg.train.seed)
+    sampler = StepSampler(len(items), cfg.train.batch, start, cfg.train.iters, cfg.train.seed)
+    loader = torch.utils.data.DataLoader(
+        tset, batch_size=cfg.train.batch, sampler=sampler, num_workers=cfg.train.workers,
+        pin_memory=dev.type == "cuda", drop_last=False,
+        persistent_workers=cfg.train.workers > 0)
+    trainer.train_mode()
+    bar = tqdm(total=cfg.train.iters, initial=start, desc=f"train {sup}"
+               + (f" ({cfg.train.baseline} baseline)" if cfg.train.baseline else ""),
+               disable=not progress, unit="it", dynamic_ncols=True)
+    t0, step = time.perf_counter(), start
+    val_every = cfg.train.val_every
+    has_val = cfg.train.val_split in dataset.splits
+    last_val = None
+    with open(out / LOG, "a") as logf:
+        for batch in loader:
+            terms = trainer.step(batch, step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
+            if step % cfg.train.log_every == 0 or step == cfg.train.iters:
+                rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+                rec = {"step": step, "lr": lr_at(step - 1, cfg), "it_s": round(rate, 3), **terms}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+            if val_every and has_val and (step % val_every == 0 or step == cfg.train.iters):
+                scores = evaluate_f0(trainer.net, trainer.f0, dataset, cfg.train.val_split, cfg, dev)
+                last_val = {"step": step, "miou": scores["miou"]}
+                logf.write(json.dumps({"step": step, "val_miou": scores["miou"]}) + "\n")
+                logf.flush()
+                bar.write(f"step {step}: val mIoU {scores['miou']:.2f}")
+                trainer.train_mode()
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
+                atomic_torch_save(trainer.state(step), out / CHECKPOINT)
+    bar.close()
+    atomic_torch_save(trainer.state(step), out / CHECKPOINT)
+    atomic_torch_save({"net": trainer.net.state_dict(), "f0": trainer.f0.state_dict()}, out / WEIGHTS)
+    manifest = write_run_manifest(out, dataset, cfg, step, last_val)
+    return {"run": str(out), "steps": step, "val": last_val, "manifest": str(manifest)}
+
+
+def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,
+                       val: dict[str, Any] | None, extra_files: dict[str, str] | None = None) -> Path:
+    from spml_deploy.imageio import default_palette
+
+    m = Manifest(kind="run", model=cfg.model, preprocess=cfg.preprocess,
+                 classes=list(dataset.class_names),
+                 palette=[list(c) for c in default_palette(dataset.num_classes)],
+                 training={"supervision": cfg.train.supervision, "baseline": cfg.train.baseline,
+                           "steps": step, "dataset": str(dataset.root), "val": val},
+                 provenance=provenance())
+    for role, rel in {"weights": WEIGHTS, "config": CONFIG, **(extra_files or {})}.items():
+        if (out / rel).is_file():
+            m.add_file(out, role, rel)
+    return write_manifest(out, m)
+
+
+def _kinds(dataset: Dataset) -> list[str]:
+    kinds = dataset.annotation_kinds()
+    out = [k for k in ("scribbles", "points", "boxes", "tags") if kinds.get(k, 0)]
+    if kinds.get("sparse", 0) and "scribbles" not in out:
+        out.append("scribbles")
+    if kinds.get("masks", 0):
+        out.append("full")
+    return out
+
+
+def _cams(dataset: Dataset, records, cfg: RunConfig, out: Path, dev, progress: bool) -> dict:
+    """Fit (or reuse) the multi-label CAM classifier and compute CAMs for ``records``."""
+    from spml_deploy.training.cam import compute_cams, load_cam_model, train_cam
+
+    path = train_cam(records, cfg.model, cfg.train, dev, out / "cache" / "cam.pt", progress=progress)
+    model = load_cam_model(path, cfg.model, dev)
+    from spml_deploy.imageio import read_image
+
+    cams = {}
+    for rec in tqdm(records, desc="class activation maps", disable=not progress, leave=False):
+        cams[rec.stem] = compute_cams(model, read_image(rec.path), rec, cfg.preprocess, dev)
+    return cams

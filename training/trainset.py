@@ -1,0 +1,170 @@
+"""Training samples: weak label maps and over-segmentations prepared once, then augmented per step.
+
+Preparation turns each training image's weak annotation into a pixel label map (class ids,
+``UNL`` = ``num_classes`` for unlabelled-but-used pixels, ``VOID`` = 255) and computes its
+over-segmentation; both are cached as files in the run folder so that a resumed or repeated run
+does not redo them. The torch ``Dataset`` reads image, label map and regions from disk and applies
+the augmentation of spec section 1.2 (flip, rescale, pad, random crop, normalisation).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spml_deploy.config import VOID, RunConfig
+from spml_deploy.data import Dataset, ImageRecord
+from spml_deploy.imageio import read_image, read_label_png, write_label_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    """Paths of one prepared training image."""
+
+    stem: str
+    image: Path
+    label: Path        # uint8 PNG: class ids, UNL = num_classes, VOID = 255
+    region: Path       # over-segmentation ids (< 256)
+    tags: tuple[int, ...]
+
+
+def tags_of(label: np.ndarray, num_classes: int) -> tuple[int, ...]:
+    """Foreground classes present in an un-augmented label map (spec 1.4; background excluded)."""
+    present = np.unique(label)
+    return tuple(int(c) for c in present if 1 <= c < num_classes)
+
+
+def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg: RunConfig,
+            cache_dir: Path, device: str = "cpu", cams: dict | None = None,
+            progress: bool = True) -> list[PreparedItem]:
+    """Weak label maps and over-segmentations for ``records``, cached under ``cache_dir``.
+
+    ``cams`` maps a record stem to its class activation maps (tags and boxes supervision).
+    """
+    from spml_deploy.training.overseg import OversegCache
+    from spml_deploy.training.weak_labels import weak_label_map
+
+    label_dir = cache_dir / f"labels-{supervision}"
+    overseg = OversegCache(cache_dir / "overseg", method=cfg.train.overseg)
+    C = dataset.num_classes
+    items = []
+    for rec in tqdm(records, desc=f"preparing {supervision} labels", disable=not progress,
+                    unit="img", leave=False):
+        label_path = label_dir / f"{rec.stem}.png"
+        image = None
+        if not label_path.is_file():
+            cam = None if cams is None else cams.get(rec.stem)
+            label = weak_label_map(rec, supervision, C, cfg.train, cams=cam)
+            if cfg.compat.unlabeled_as_void:
+                label = np.where((label >= C) & (label != VOID), VOID, label).astype(np.uint8)
+            write_label_png(label_path, label)
+        else:
+            label = read_label_png(label_path)
+        region_path = overseg.path_for(rec.path)
+        if not region_path.is_file():
+            image = read_image(rec.path) if image is None else image
+            overseg.get(rec.path, image)
+        if supervision == "tags":
+            tags = tuple(int(t) for t in rec.tags)
+        else:
+            tags = tags_of(label, C)
+        items.append(PreparedItem(rec.stem, Path(rec.path), label_path, region_path, tags))
+    return items
+
+
+def _random_scale(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(rng.uniform(lo, hi))
+
+
+def augment(image: np.ndarray, label: np.ndarray, region: np.ndarray, crop: int,
+            scale_range: tuple[float, float], rng: np.random.Generator,
+            mean: tuple[float, float, float], std: tuple[float, float, float],
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spec 1.2: flip p=0.5, rescale U(scale_range) (image bilinear, labels nearest), pad to at
+    least ``crop`` (image with the mean, labels VOID), random ``crop`` x ``crop``, normalise.
+
+    Returns the image as float32 [3, crop, crop], label uint8 [crop, crop], region int32.
+    """
+    if rng.random() < 0.5:
+        image, label, region = image[:, ::-1], label[:, ::-1], region[:, ::-1]
+    s = _random_scale(rng, *scale_range)
+    h, w = label.shape
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    image = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(np.ascontiguousarray(label), (nw, nh), interpolation=cv2.INTER_NEAREST)
+    region = cv2.resize(np.ascontiguousarray(region).astype(np.int32), (nw, nh),
+                        interpolation=cv2.INTER_NEAREST)
+    img = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    ph, pw = max(crop, nh), max(crop, nw)
+    if (ph, pw) != (nh, nw):
+        # padding with the mean colour = zeros after normalisation
+        img = np.pad(img, ((0, ph - nh), (0, pw - nw), (0, 0)))
+        label = np.pad(label, ((0, ph - nh), (0, pw - nw)), constant_values=VOID)
+        region = np.pad(region, ((0, ph - nh), (0, pw - nw)), constant_values=0)
+    y0 = int(rng.integers(0, ph - crop + 1))
+    x0 = int(rng.integers(0, pw - crop + 1))
+    sl = (slice(y0, y0 + crop), slice(x0, x0 + crop))
+    img = np.ascontiguousarray(img[sl].transpose(2, 0, 1))
+    return img, np.ascontiguousarray(label[sl]), np.ascontiguousarray(region[sl])
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Augmented crops of prepared items; sample ``i`` of epoch ``e`` is deterministic in the seed."""
+
+    def __init__(self, items: list[PreparedItem], cfg: RunConfig, num_classes: int, seed: int):
+        self.items = items
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        it = self.items[idx]
+        image = read_image(it.image)
+        label = read_label_png(it.label)
+        region = np.load(it.region)["region"] if it.region.suffix == ".npz" else read_label_png(it.region)
+        return image, label, region.astype(np.int32)
+
+    def sample(self, idx: int, draw: int) -> dict[str, torch.Tensor]:
+        """Crop number ``draw`` of item ``idx`` (the RNG is seeded by (seed, draw))."""
+        rng = np.random.default_rng([self.seed, draw, idx])
+        image, label, region = self.load(idx)
+        pp = self.cfg.preprocess
+        img, lab, reg = augment(image, label, region, self.cfg.train.crop,
+                                self.cfg.train.scale_range, rng, pp.mean, pp.std)
+        tags = np.zeros(self.num_classes, np.float32)
+        tags[list(self.items[idx].tags)] = 1.0
+        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab.astype(np.int64)),
+                "region": torch.from_numpy(reg.astype(np.int64)), "tags": torch.from_numpy(tags),
+                "index": torch.tensor(idx)}
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        idx, draw = key
+        return self.sample(idx, draw)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields (item, draw) keys for steps ``start..total``: batch of step t is a deterministic
+    function of (seed, t), so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, n_items: int, batch: int, start: int, total: int, seed: int):
+        self.n, self.batch, self.start, self.total, self.seed = n_items, batch, start, total, seed
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            rng = np.random.default_rng([self.seed, 7919, step])
+            idx = rng.choice(self.n, size=self.batch, replace=self.n < self.batch)
+            for j, i in enumerate(idx):
+                yield (int(i), step * self.batch + j)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start) * self.batch
