@@ -49,7 +49,8 @@ def data() -> None:
 @data.command("check", context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def data_check(dataset: Path, as_json: bool) -> None:
+@click.option("--deep", is_flag=True, help="Fully decode every image (finds truncated files; slower).")
+def data_check(dataset: Path, as_json: bool, deep: bool) -> None:
     """Validate DATASET against the dataset contract and print a summary.
 
     Checks annotations.json (ids, categories, boxes/points/scribbles inside their images), that
@@ -58,7 +59,7 @@ def data_check(dataset: Path, as_json: bool) -> None:
     """
     from spml_deploy.data import load_dataset
 
-    ds = load_dataset(dataset, check_files=True)
+    ds = load_dataset(dataset, check_files=True, decode_images=deep)
     summary = ds.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -138,6 +138,24 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _ORIENT_OPS else 1
 
 
+def _raw_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as stored, before EXIF orientation.
+
+    Recent Pillow versions report TIFF sizes already oriented (and transpose TIFFs on load);
+    the stored size comes from the TIFF tags so that every version gives the same answer.
+    """
+    tags = getattr(im, "tag_v2", None)
+    if im.format == "TIFF" and tags is not None and 256 in tags and 257 in tags:
+        return int(tags[256]), int(tags[257])
+    return im.size
+
+
+def _pillow_applied_orientation(im: Image.Image) -> bool:
+    """Whether Pillow already applied the EXIF orientation while loading (TIFF, Pillow >= 8)."""
+    tags = getattr(im, "tag_v2", None)
+    return im.format == "TIFF" and tags is not None and _EXIF_ORIENTATION not in tags
+
+
 def _load(im: Image.Image, path: Path) -> None:
     """Decode every pixel so truncated or corrupt files fail here, not later."""
     try:
@@ -191,6 +209,8 @@ def read_image(path: str | Path, *, max_pixels: int | None = None, min_side: int
     try:
         orientation = _orientation(im)
         _load(im, path)
+        if _pillow_applied_orientation(im):
+            orientation = 1
         try:
             arr = _to_rgb(im)
         except Exception as exc:  # noqa: BLE001 - exotic modes Pillow cannot convert
@@ -227,7 +247,7 @@ def image_size(path: str | Path, *, max_pixels: int | None = None,
     path = Path(path)
     im = _open(path, max_pixels, min_side)
     try:
-        w, h = im.size
+        w, h = _raw_size(im)
         orientation = _orientation(im)
     finally:
         im.close()
@@ -246,6 +266,8 @@ def read_label_png(path: str | Path, *, max_pixels: int | None = None) -> np.nda
     try:
         orientation = _orientation(im)
         _load(im, path)
+        if _pillow_applied_orientation(im):
+            orientation = 1
         mode = im.mode
         if mode in ("P", "L"):
             arr = np.array(im, dtype=np.uint8)
