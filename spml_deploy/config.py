@@ -35,6 +35,8 @@ class ModelConfig:
     num_classes: int = 2            # classes including background (class 0)
     classifier_dropout: float = 0.75  # f0 (jointly trained); the stand-alone f1 uses 0.65
     width: int = 0                  # tiny backbone base width (0 = preset default)
+    stem: str = ""                  # "" = automatic (deep; torchvision when its weights are loaded)
+    bn_momentum: float = 0.0        # 0 = automatic (3e-4 with pretrained weights, 0.1 from scratch)
 
     @property
     def embed_stride(self) -> int:

@@ -18,8 +18,10 @@ Backbone choices
   torchvision stem). An explicit stem that contradicts the file is a :class:`ConfigError`.
 * Bottlenecks put the stride on the 3x3 convolution (torchvision "v1.5"), so torchvision weights
   mean what they meant in ImageNet training. Stage strides [1, 2, 1, 1]; stage 4 (``layer3``)
-  dilation 1 in its first block and 2 in the others, stage 5 (``layer4``) 2 then 4; the block's
-  dilation applies to every 3x3 convolution of the block. Output stride 8.
+  dilation 1 in its first block and 2 in the others, stage 5 (``layer4``) 2 then 4. A bottleneck
+  has one 3x3 convolution, which takes the block's dilation; a basic block's first block in a
+  dilated stage uses the previous dilation in its first 3x3 convolution and the new one in its
+  second, which is exactly what the strided (ImageNet) network computed. Output stride 8.
 * Module names follow torchvision (``conv1``, ``bn1``, ``layer1.0.downsample.0``, ...; the deep
   stem adds ``conv2/bn2/conv3/bn3``), so a torchvision state dict loads without renaming.
 
@@ -76,16 +78,22 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection ([B,cin,H,W] -> [B,width,H/s,W/s])."""
+    """Two 3x3 convolutions with a residual connection ([B,cin,H,W] -> [B,width,H/s,W/s]).
+
+    ``dilation`` applies to the first 3x3 convolution, ``dilation2`` (default: the same) to the
+    second; a dilated stage's first block uses (previous, new) so that it computes exactly what
+    the strided block computed (the "a trous" equivalence that keeps pretrained weights valid).
+    """
 
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int = 1, dilation: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, dilation: int = 1,
+                 dilation2: int | None = None):
         super().__init__()
         cout = width * self.expansion
         self.conv1 = _conv3x3(cin, width, stride, dilation)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, cout, 1, dilation)
+        self.conv2 = _conv3x3(width, cout, 1, dilation if dilation2 is None else dilation2)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(cin, cout, stride)
@@ -102,8 +110,10 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1, dilation: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, dilation: int = 1,
+                 dilation2: int | None = None):
         super().__init__()
+        del dilation2  # one 3x3 convolution: ``dilation`` is the block's dilation
         cout = width * self.expansion
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -168,8 +178,10 @@ class ResNetBackbone(nn.Module):
         for i, (n, width, (stride, d_first, d_rest)) in enumerate(zip(layers, widths, plan)):
             blocks = []
             for b in range(n):
-                blocks.append(block_cls(cin, width, stride if b == 0 else 1,
-                                        d_first if b == 0 else d_rest))
+                if b == 0:
+                    blocks.append(block_cls(cin, width, stride, d_first, d_rest))
+                else:
+                    blocks.append(block_cls(cin, width, 1, d_rest))
                 cin = width * block_cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_channels = cin
@@ -364,6 +376,17 @@ def set_bn_momentum(module: nn.Module, momentum: float) -> None:
             m.momentum = momentum
 
 
+def set_train_mode(net: nn.Module, mode: bool = True) -> nn.Module:
+    """``net.train(mode)``; a frozen stem and stage 2 stay in eval mode (their batch norms keep
+    the pretrained statistics). Works through wrappers (DDP, SyncBatchNorm conversion) because
+    :meth:`ResNetBackbone.train` enforces it."""
+    net.train(mode)
+    for m in net.modules():
+        if isinstance(m, ResNetBackbone) and m.frozen:
+            assert all(not b.training for f in m.frozen_modules() for b in f.modules())
+    return net
+
+
 def resolve_stem(cfg: ModelConfig, pretrained: str | Path | None = None) -> str:
     """The stem to build: ``cfg.stem`` when set, else the pretrained file's layout, else deep."""
     wanted = _cfg_get(cfg, "stem", "") or ""
@@ -385,9 +408,11 @@ def build_model(cfg: ModelConfig, pretrained: str | Path | None = None,
     """Embedding network and jointly trained classifier f0 for ``cfg``.
 
     With ``pretrained`` (a local ImageNet state dict), the stem follows the file (see
-    :func:`resolve_stem`), the weights are loaded, BN momentum is the spec's 3e-4 and stem +
-    stage 2 are frozen (``freeze`` overrides). From scratch nothing is frozen and BN momentum
-    is 0.1, unless ``cfg`` says otherwise (``bn_momentum`` field when present).
+    :func:`resolve_stem`), the weights are loaded, the network's BN momentum is the spec's 3e-4
+    and stem + stage 2 are frozen (``freeze`` overrides). From scratch nothing is frozen and BN
+    momentum is 0.1, unless ``cfg`` says otherwise (``bn_momentum`` field when present). The
+    classifier, always trained from scratch, keeps PyTorch's default momentum 0.1. A resumed run
+    or an inference session must rebuild with the same stem (and ``freeze`` for resuming).
     """
     stem = resolve_stem(cfg, pretrained)
     bn_momentum = _cfg_get(cfg, "bn_momentum", 0.0) or (
@@ -398,7 +423,6 @@ def build_model(cfg: ModelConfig, pretrained: str | Path | None = None,
     elif freeze:
         net.backbone.freeze_stem_and_res2(True)
     classifier = PixelClassifier(cfg.embed_dim, cfg.num_classes, cfg.classifier_dropout)
-    set_bn_momentum(classifier, bn_momentum)
     return net, classifier
 
 
@@ -508,17 +532,17 @@ def load_pretrained_backbone(net: EmbeddingNet, path: str | Path, freeze: bool =
     the file and the expected layout. ``freeze`` then freezes stem and stage 2 (spec 6).
     """
     state = read_pretrained(path)
+    own = net.backbone.state_dict()
+    matched = {k: v for k, v in state.items() if k in own}
+    if not matched:
+        raise ConfigError(f"no key of the pretrained weights matches the backbone (file keys "
+                          f"e.g. {sorted(state)[:3]})", path=path, fix=f"expected {_EXPECTED_LAYOUT}")
     found = _stem_of(state, path)
     if found != net.backbone.stem:
         raise ConfigError(f"the pretrained weights have a {found} stem but the network was built "
                           f"with a {net.backbone.stem} stem", path=path,
                           fix=f"build the model with stem='{found}' (build_model(cfg, pretrained=...) "
                               f"picks it from the file)")
-    own = net.backbone.state_dict()
-    matched = {k: v for k, v in state.items() if k in own}
-    if not matched:
-        raise ConfigError("no key of the pretrained weights matches the backbone", path=path,
-                          fix=f"expected {_EXPECTED_LAYOUT}")
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items()
            if v.shape != own[k].shape]
     if bad:
@@ -545,14 +569,15 @@ def load_pretrained_backbone(net: EmbeddingNet, path: str | Path, freeze: bool =
 # FLOPs
 
 
-def count_flops(cfg: ModelConfig, size: int | tuple[int, int] = 512, with_classifier: bool = False
-                ) -> float:
-    """Forward GFLOP per image (multiply-add = 2 FLOP) of the embedding network at ``size``."""
+def count_flops(cfg: ModelConfig, size: int | tuple[int, int] = 512, with_classifier: bool = False,
+                stem: str | None = None) -> float:
+    """Forward GFLOP per image (multiply-add = 2 FLOP; convolutions and matmuls, as counted by
+    ``torch.utils.flop_counter``) of the embedding network (+ classifier) at ``size``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w = (size, size) if isinstance(size, int) else size
     with torch.device("meta"):   # shapes only: no memory, no arithmetic
-        net = EmbeddingNet(cfg).eval()
+        net = EmbeddingNet(cfg, stem=stem).eval()
         model: nn.Module = net
         if with_classifier:
             model = SegmentationModel(net, PixelClassifier(
