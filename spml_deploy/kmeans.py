@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-12
-# E-step score matrices above this many elements are computed in chunks of pixels.
-_MAX_SCORE_ELEMENTS = 1 << 26
+# Score / one-hot matrices above this many elements are computed in chunks of pixels.
+_MAX_SCORE_ELEMENTS = 1 << 24
 
 
 def l2_normalize(x: Tensor, dim: int) -> Tensor:
@@ -79,26 +79,43 @@ def location_features(h: int, w: int, device: torch.device | str | None = None,
     return loc.to(device=device, dtype=dtype)
 
 
+def _feature_rows(phi: Tensor, extra: Tensor | None) -> Tensor:
+    """``psi`` as a contiguous [B, h*w, F] matrix per image (pixel rows, row-major).
+
+    Fused form of ``normalize([normalize(phi); tail])`` with ``tail = [loc (; extra)]``: with
+    ``u = phi / max(|phi|, eps)`` the outer norm is ``sqrt(|u|^2 + |tail|^2)``, so one norm of
+    ``phi`` (reduced in NCHW layout) and one scaling suffice. Differentiable.
+    """
+    if phi.dim() != 4:
+        raise SpmlError(f"clustering_features: phi must be [B, D, h, w], got shape {tuple(phi.shape)}",
+                        fix="pass the embedding map in NCHW layout")
+    b, d, h, w = phi.shape
+    n = h * w
+    tail = location_features(h, w, device=phi.device, dtype=phi.dtype).reshape(2, n).t().expand(b, n, 2)
+    if extra is not None:
+        if extra.dim() != 4 or extra.shape[0] != b or extra.shape[2:] != phi.shape[2:]:
+            raise SpmlError(f"clustering_features: extra has shape {tuple(extra.shape)}, expected "
+                            f"[{b}, E, {h}, {w}]", fix="resize the extra features to the embedding grid")
+        tail = torch.cat([tail, extra.to(dtype=phi.dtype).permute(0, 2, 3, 1).reshape(b, n, -1)], dim=2)
+    norm = torch.linalg.vector_norm(phi, dim=1).reshape(b, n, 1)
+    inv = 1.0 / norm.clamp_min(NORM_EPS)
+    total = ((norm * inv).square() + tail.square().sum(dim=2, keepdim=True)).sqrt().clamp_min(NORM_EPS)
+    rows = phi.permute(0, 2, 3, 1).reshape(b, n, d)          # a view: no copy
+    return torch.cat([rows * (inv / total), tail / total], dim=2)
+
+
 def clustering_features(phi: Tensor, extra: Tensor | None = None) -> Tensor:
     """Clustering feature ``psi`` (spec 3.2, 3.5).
 
     ``phi``: embeddings, shape [B, D, h, w] (unit or raw; normalised here along D).
     ``extra``: optional extra channels [B, E, h, w] (DensePose colour), appended unchanged.
-    Returns ``normalize([normalize(phi); loc (; extra)])`` of shape [B, D+2(+E), h, w], with the
-    dtype and device of ``phi``. Differentiable (the caller decides whether to detach).
+    Returns ``normalize([normalize(phi); loc (; extra)])`` of shape [B, D+2(+E), h, w] (a
+    channels-last view), with the dtype and device of ``phi``. Differentiable (the caller
+    decides whether to detach).
     """
-    if phi.dim() != 4:
-        raise SpmlError(f"clustering_features: phi must be [B, D, h, w], got shape {tuple(phi.shape)}",
-                        fix="pass the embedding map in NCHW layout")
+    rows = _feature_rows(phi, extra)
     b, _, h, w = phi.shape
-    parts = [l2_normalize(phi, dim=1),
-             location_features(h, w, device=phi.device, dtype=phi.dtype).expand(b, 2, h, w)]
-    if extra is not None:
-        if extra.dim() != 4 or extra.shape[0] != b or extra.shape[2:] != phi.shape[2:]:
-            raise SpmlError(f"clustering_features: extra has shape {tuple(extra.shape)}, expected "
-                            f"[{b}, E, {h}, {w}]", fix="resize the extra features to the embedding grid")
-        parts.append(extra.to(dtype=phi.dtype))
-    return l2_normalize(torch.cat(parts, dim=1), dim=1)
+    return rows.view(b, h, w, rows.shape[2]).permute(0, 3, 1, 2)
 
 
 def _cluster_sums(psi: Tensor, z: Tensor, num_clusters: int, method: str) -> Tensor:
@@ -110,8 +127,14 @@ def _cluster_sums(psi: Tensor, z: Tensor, num_clusters: int, method: str) -> Ten
         offset = (torch.arange(b, device=psi.device) * k1)[:, None]
         sums = psi.new_zeros(b * k1, f).index_add_(0, (z + offset).reshape(-1), psi.reshape(b * n, f))
         return sums.view(b, k1, f)[:, :num_clusters]
-    onehot = F.one_hot(z, k1)[:, :, :num_clusters].to(psi.dtype)     # [B, N, K]
-    return torch.bmm(onehot.transpose(1, 2), psi)
+    # one-hot product, accumulated over pixel chunks in a fixed order (deterministic, bounded memory)
+    sums = psi.new_zeros(b, num_clusters, f)
+    step = max(1, _MAX_SCORE_ELEMENTS // max(1, b * k1))
+    for start in range(0, n, step):
+        zc = z[:, start:start + step]
+        onehot = psi.new_zeros(b, zc.shape[1], k1).scatter_(2, zc[:, :, None], 1.0)
+        sums = sums + torch.bmm(onehot[:, :, :num_clusters].transpose(1, 2), psi[:, start:start + step])
+    return sums
 
 
 def _assign(psi: Tensor, centroids: Tensor, excluded: Tensor | None) -> Tensor:
@@ -166,6 +189,7 @@ def spherical_kmeans(psi: Tensor, init: Tensor, valid: Tensor | None, num_cluste
         raise SpmlError(f"spherical_kmeans: unknown method {method!r}",
                         fix="use 'auto', 'index_add' or 'matmul'")
     valid = valid.to(torch.bool)
+    psi = psi.contiguous()          # bmm would otherwise copy a strided psi every iteration
     k = int(num_clusters)
     init = init.to(torch.long)
     if bool((((init < 0) | (init >= k)) & valid).any()):     # one host sync per call
@@ -173,7 +197,9 @@ def spherical_kmeans(psi: Tensor, init: Tensor, valid: Tensor | None, num_cluste
                         fix="relabel the initial clusters to 0..K-1 or raise num_clusters")
     # Invalid pixels carry the extra id K: they add to a discarded bin and never change.
     z = torch.where(valid, init, k)
-    psi_v = psi.masked_fill(~valid[:, :, None], 0.0)
+    # index_add sends invalid pixels to the discarded bin K; the one-hot product needs zeros
+    # there (0 * NaN would spread a non-finite invalid pixel into every cluster).
+    psi_v = psi if method == "index_add" else psi.masked_fill(~valid[:, :, None], 0.0)
     for _ in range(int(iters)):
         centroids = l2_normalize(_cluster_sums(psi_v, z, k, method), dim=2)     # M-step
         excluded = None
@@ -207,8 +233,7 @@ def kmeans_clusters(phi: Tensor, valid: Tensor | None, grid: tuple[int, int], it
     num_clusters = int(init_cpu.max()) + 1
     init = init_cpu.to(phi.device).reshape(1, h * w).expand(b, h * w)
     with torch.no_grad():
-        psi = clustering_features(phi.detach(), None if extra is None else extra.detach())
-        psi = psi.flatten(2).transpose(1, 2)                          # [B, N, F]
+        psi = _feature_rows(phi.detach(), None if extra is None else extra.detach())   # [B, N, F]
         flat_valid = None if valid is None else valid.reshape(b, h * w)
         z, _ = spherical_kmeans(psi, init, flat_valid, num_clusters, iters=iters,
                                 zero_centroid_for_empty=zero_centroid_for_empty)
