@@ -7,19 +7,23 @@ logits are ``kappa * f_i . m_s``. The pool is split per pixel into positives ``P
     L(i) = -log( sum_{P_i^-} E / (sum_{P_i^-} E + sum_{N_i} E) )   if P_i^- is non-empty
          = -log( E_own / (E_own + sum_{N_i} E) )                      otherwise
 
-with ``E_s = exp(kappa f_i . m_s)``. Everything is evaluated with masked, weighted
-log-sum-exp: the numerator set is never empty (it holds at least the own segment), so no row is
-ever all ``-inf`` and gradients stay finite. When the own segment is *not* a positive (multi-label
-form with an all-zero tag row) it lies in ``N_i`` and is therefore counted twice in the
-denominator, which is exactly the official code's behaviour (``compat.set_empty_tag_double_count``).
+with ``E_s = exp(kappa f_i . m_s)``. Both sums are masked log-sum-exps sharing the row maximum as
+shift (excluded entries are ``-inf`` before the exponential); the own segment leaves ``P_i`` by
+index, never by subtraction. The numerator set is never empty (it holds at least the own
+segment), so no row is all ``-inf`` and gradients stay finite; a pixel without negatives scores
+exactly 0 (spec 5.3). When the own segment is *not* a positive (multi-label form with an all-zero
+tag row) it lies in ``N_i`` and is therefore counted twice in the denominator, which is the
+official behaviour (``compat.set_empty_tag_double_count``); the wrappers skip such pixels by
+default.
 
 ``compat.subtractive_positive_sum`` is available as ``subtractive=True``: the official float form
 ``other = sum_{P_i} E - E_own`` in linear space with an ``other > 0`` test. It is ill-conditioned
 when the own segment dominates (kappa 16 in float32); use it only to reproduce official numbers.
 
 Pixels are processed in chunks so that a ``[#pixels x #segments]`` matrix never exists for all
-pixels at once; with gradients enabled each chunk is checkpointed (recomputed during backward),
-so the saved activations are bounded by one chunk as well.
+pixels at once (masks are built per chunk from labels/tags); with gradients enabled and more than
+one chunk, each chunk is checkpointed (recomputed during backward), so the saved activations are
+bounded by one chunk as well.
 """
 from __future__ import annotations
 
@@ -43,28 +47,12 @@ MAX_CHUNK_ELEMENTS = 1 << 24
 
 __all__ = [
     "contrastive_nll",
-    "masked_logsumexp",
     "segsort_plus_loss",
     "set_segsort_loss",
     "chunk_rows",
+    "run_chunked",
     "reduce_losses",
 ]
-
-
-def masked_logsumexp(x: Tensor, weight: Tensor) -> Tensor:
-    """``log(sum_s weight[:, s] * exp(x[:, s]))`` per row.
-
-    ``x``: [n, P] finite logits; ``weight``: [n, P] non-negative counts (bool or float). Every
-    row must have at least one positive weight (an internal invariant of the callers). Entries
-    with weight 0 contribute neither a value nor a gradient. Returns [n].
-    """
-    w = weight.to(x.dtype)
-    active = w > 0
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-    shift = torch.where(active, x, neg_inf).amax(dim=1, keepdim=True).detach()
-    # where() before exp: excluded entries become exp(-inf) = 0 with zero gradient.
-    z = torch.where(active, x - shift, neg_inf)
-    return shift.squeeze(1) + torch.log((torch.exp(z) * w).sum(dim=1))
 
 
 def contrastive_nll(
@@ -83,8 +71,14 @@ def contrastive_nll(
     neither positive nor negative (negatives = valid and not positive). The own entry must be
     valid. Returns [n] losses (>= 0); a pixel without negatives gets exactly 0.
 
+    Log-domain evaluation: every sum is a log-sum-exp shifted by the row maximum over the valid
+    entries, and the own segment is removed from the positives *by index* (never by subtracting
+    ``E_own``), so nothing cancels. The "another positive exists" test is exact (on the masks). The
+    shared shift keeps every term representable while ``2 * kappa`` (the logit range of unit
+    vectors) stays below ~80 in float32 (the method uses kappa <= 16).
+
     ``subtractive=True`` evaluates the official linear-space form (``other = sum(P) - E_own``,
-    ``num = other if other > 0 else E_own``) instead of the log domain.
+    ``num = other if other > 0 else E_own``, no shift) instead (``compat.subtractive_positive_sum``).
     """
     n, p = logits.shape
     if pos.shape != (n, p) or own.shape != (n,):
@@ -103,15 +97,24 @@ def contrastive_nll(
         num = torch.where(other > 0, other, e_own)
         den = num + (e * neg.to(e.dtype)).sum(1)
         return -torch.log(num / den)
-    own_hot = torch.zeros_like(pos)
-    own_hot.scatter_(1, own_col, True)
-    pos_other = pos & ~own_hot
-    has_other = pos_other.any(dim=1, keepdim=True)
-    num_set = torch.where(has_other, pos_other, own_hot)
-    num = masked_logsumexp(logits, num_set)
-    # Counts, not a union: an own segment that is also a negative is counted twice.
-    den = masked_logsumexp(logits, num_set.to(logits.dtype) + neg.to(logits.dtype))
-    return den - num
+    if valid is None:
+        z = logits - logits.detach().amax(dim=1, keepdim=True)   # <= 0
+    else:
+        masked = logits.masked_fill(~valid, float("-inf"))       # excluded: exp(-inf) = 0
+        z = masked - masked.detach().amax(dim=1, keepdim=True)
+    e = torch.exp(z)
+    zero = torch.zeros((), dtype=e.dtype, device=e.device)
+    pos_other = pos.scatter(1, own_col, False)                   # own removed by index
+    has_other = pos_other.any(dim=1)                             # exact test
+    s_other = torch.where(pos_other, e, zero).sum(1)
+    s_neg = torch.where(neg, e, zero).sum(1)
+    z_own = z.gather(1, own_col).squeeze(1)
+    e_own = e.gather(1, own_col).squeeze(1)
+    one = torch.ones_like(s_other)
+    log_num = torch.where(has_other, torch.log(torch.where(has_other, s_other, one)), z_own)
+    num = torch.where(has_other, s_other, e_own)
+    # An own segment that is also a negative (empty positive set) is counted twice, as specified.
+    return torch.log(num + s_neg) - log_num
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def chunk_rows(num_rows: int, num_cols: int, chunk_size: int | None) -> int:
     return max(1, min(num_rows, MAX_CHUNK_ELEMENTS // max(1, num_cols)))
 
 
-def _run_chunked(
+def run_chunked(
     fn: Callable[..., Tensor],
     per_row: tuple[Tensor, ...],
     shared: tuple[Tensor, ...],
@@ -210,7 +213,7 @@ def segsort_plus_loss(
         logits = kappa * (e @ m.t())
         return contrastive_nll(logits, y[:, None] == ym[None, :], o, subtractive=subtractive)
 
-    losses = _run_chunked(chunk, (emb, labels, own), (protos, proto_labels),
+    losses = run_chunked(chunk, (emb, labels, own), (protos, proto_labels),
                           protos.shape[0], chunk_size, checkpoint)
     return reduce_losses(losses, None, reduction)
 
@@ -250,7 +253,7 @@ def set_segsort_loss(
         logits = kappa * (e @ m.t())
         return contrastive_nll(logits, (t @ tm.t()) > 0, o, subtractive=subtractive)
 
-    losses = _run_chunked(chunk, (emb, tags_f, own), (protos, proto_tags_f),
+    losses = run_chunked(chunk, (emb, tags_f, own), (protos, proto_tags_f),
                           protos.shape[0], chunk_size, checkpoint)
     counted = None if empty == "double_count" else tags_f.sum(1) > 0
     return reduce_losses(losses, counted, reduction)

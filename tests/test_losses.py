@@ -1,0 +1,346 @@
+"""The contrastive primitive (training/losses.py) and label propagation (training/affinity.py).
+
+Golden cases (official SegSortLoss / SetSegSortLoss / nearest-neighbour propagation, float64)
+are compared with the project's ``compare.py``; a slow per-pixel reference written directly from
+the equations of spec section 4 checks the fast code on random inputs with every edge case.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import GOLDEN_DIR, load_golden
+from spml_deploy.training.affinity import propagate_labels
+from spml_deploy.training.losses import contrastive_nll, segsort_plus_loss, set_segsort_loss
+
+SEGSORT_CASES = ["segsort_plus_allpos_k6", "segsort_plus_mixed_k8", "segsort_plus_mixed_k12",
+                 "segsort_plus_ownonly_k16", "segsort_plus_memory_k6", "segsort_plus_large_k6",
+                 "segsort_plus_illcond_k16"]
+SET_CASES = ["setsegsort_random_k12", "setsegsort_images_k8"]
+NNPROP_CASES = ["nnprop_t095_top1_self", "nnprop_tneg1_top1", "nnprop_t09_top3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tensors are tiny: one intra-op thread avoids thread hand-off overhead on busy CI
+    machines (several times faster here); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run_case(name: str, dtype: torch.dtype, subtractive: bool = False,
+              chunk_size: int | None = None) -> dict[str, np.ndarray]:
+    """Per-pixel losses, mean and gradients of one golden primitive case."""
+    g = load_golden(name)
+    emb = torch.tensor(g["embeddings"], dtype=dtype, requires_grad=True)
+    protos = torch.tensor(g["prototypes"], dtype=dtype, requires_grad=True)
+    own = torch.tensor(g["instance_labels"])
+    kappa = float(g["concentration"])
+    labels = torch.tensor(g["semantic_labels"])
+    proto_labels = torch.tensor(g["prototype_semantic_labels"])
+    if name.startswith("setsegsort"):
+        # The official SetSegSortLoss double-counts the own segment of all-zero tag rows.
+        def fn(reduction: str) -> torch.Tensor:
+            return set_segsort_loss(emb, labels, own, protos, proto_labels, kappa, empty="double_count",
+                                    reduction=reduction, subtractive=subtractive, chunk_size=chunk_size)
+    else:
+        def fn(reduction: str) -> torch.Tensor:
+            return segsort_plus_loss(emb, labels, own, protos, proto_labels, kappa, reduction=reduction,
+                                     subtractive=subtractive, chunk_size=chunk_size)
+    per_pixel = fn("none")
+    mean = fn("mean")
+    mean.backward()
+    return {"loss_per_pixel": per_pixel.detach().double().numpy(),
+            "loss_mean": mean.detach().double().numpy(),
+            "grad_embeddings": emb.grad.double().numpy(),
+            "grad_prototypes": protos.grad.double().numpy()}
+
+
+def _assert_golden(compare, name: str, outputs: dict[str, np.ndarray], rtol: float) -> None:
+    rows = compare.compare_case(str(GOLDEN_DIR / f"{name}.npz"), outputs, rtol=rtol,
+                                keys=list(outputs))
+    assert len(rows) == len(outputs)
+    bad = [(r["key"], r.get("rel_l2"), r.get("rtol_used", rtol)) for r in rows if r["status"] != "ok"]
+    assert not bad, f"{name}: {bad}"
+
+
+@pytest.mark.parametrize("name", SEGSORT_CASES + SET_CASES)
+def test_golden_float64(name, golden_compare):
+    _assert_golden(golden_compare, name, _run_case(name, torch.float64), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", SEGSORT_CASES + SET_CASES)
+def test_golden_float32_log_domain(name, golden_compare):
+    _assert_golden(golden_compare, name, _run_case(name, torch.float32), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", SEGSORT_CASES + SET_CASES)
+def test_golden_subtractive_float64_is_bit_close(name, golden_compare):
+    """compat.subtractive_positive_sum reproduces the official float64 arithmetic, including
+    its cancellation error on the ill-conditioned case (no min_rtol needed there)."""
+    out = _run_case(name, torch.float64, subtractive=True)
+    g = load_golden(name)
+    for key in ("loss_per_pixel", "loss_mean", "grad_embeddings", "grad_prototypes"):
+        err = np.linalg.norm(out[key] - g[key]) / np.linalg.norm(g[key])
+        assert err < 1e-12, (name, key, err)
+
+
+def test_golden_chunked(golden_compare):
+    name = "segsort_plus_memory_k6"
+    _assert_golden(golden_compare, name, _run_case(name, torch.float64, chunk_size=150), rtol=1e-8)
+    name = "setsegsort_images_k8"
+    _assert_golden(golden_compare, name, _run_case(name, torch.float64, chunk_size=130), rtol=1e-8)
+
+
+def test_illcond_log_domain_beats_subtractive_in_float32():
+    g = load_golden("segsort_plus_illcond_k16")
+    exact = g["loss_per_pixel_exact"]
+    ours64 = _run_case("segsort_plus_illcond_k16", torch.float64)["loss_per_pixel"]
+    assert np.max(np.abs(ours64 - exact)) < 1e-12
+    # The official float64 oracle itself carries cancellation error of up to ~2.4e-4.
+    assert np.max(np.abs(ours64 - g["loss_per_pixel"])) < 3e-4
+    log32 = _run_case("segsort_plus_illcond_k16", torch.float32)["loss_per_pixel"]
+    sub32 = _run_case("segsort_plus_illcond_k16", torch.float32, subtractive=True)["loss_per_pixel"]
+    err_log = np.max(np.abs(log32 - exact))
+    err_sub = np.max(np.abs(sub32 - exact))
+    assert err_log < 1e-4
+    assert err_sub > 1.0
+    assert err_sub > 1e4 * err_log
+
+
+# ----------------------------------------------------------------------------------------------
+# slow reference written from spec section 4
+
+
+def reference_pixel_loss(f: torch.Tensor, protos: torch.Tensor, kappa: float, positives: list[int],
+                         negatives: list[int], own: int) -> torch.Tensor:
+    """L(i) of spec 4, literally: NCA over P_i minus own if non-empty, else the own segment."""
+    e = [torch.exp(kappa * torch.dot(f, protos[s])) for s in range(protos.shape[0])]
+    others = [s for s in positives if s != own]
+    num = sum(e[s] for s in others) if others else e[own]
+    den = num + sum((e[s] for s in negatives), torch.zeros((), dtype=f.dtype))
+    return -torch.log(num / den)
+
+
+def reference_single(emb, labels, own, protos, proto_labels, kappa):
+    out = []
+    for i in range(emb.shape[0]):
+        pos = [s for s in range(protos.shape[0]) if int(proto_labels[s]) == int(labels[i])]
+        neg = [s for s in range(protos.shape[0]) if int(proto_labels[s]) != int(labels[i])]
+        out.append(reference_pixel_loss(emb[i], protos, kappa, pos, neg, int(own[i])))
+    return torch.stack(out)
+
+
+def reference_set(emb, tags, own, protos, proto_tags, kappa):
+    out = []
+    for i in range(emb.shape[0]):
+        shared = [int((tags[i] * proto_tags[s]).sum()) for s in range(protos.shape[0])]
+        pos = [s for s, a in enumerate(shared) if a > 0]
+        neg = [s for s, a in enumerate(shared) if a == 0]
+        out.append(reference_pixel_loss(emb[i], protos, kappa, pos, neg, int(own[i])))
+    return torch.stack(out)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _random_single(seed: int):
+    """Random pool with: a class present in a single segment (own-only positive), a class with
+    several segments, memory rows owned by no pixel, and a pixel whose class covers the pool."""
+    gen = torch.Generator().manual_seed(seed)
+    d, p_cur, p_mem = 6, 12, 8
+    protos = _unit(torch.randn(p_cur + p_mem, d, generator=gen, dtype=torch.float64))
+    proto_labels = torch.randint(0, 4, (p_cur + p_mem,), generator=gen)
+    proto_labels[0] = 9                       # class 9: only segment 0 (fallback branch)
+    own = torch.randint(0, p_cur, (40,), generator=gen)
+    own[:3] = 0
+    labels = proto_labels[own].clone()
+    emb = _unit(torch.randn(40, d, generator=gen, dtype=torch.float64) + 2 * protos[own])
+    return emb, labels, own, protos, proto_labels
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kappa", [6.0, 16.0])
+def test_single_label_matches_reference(seed, kappa):
+    emb, labels, own, protos, proto_labels = _random_single(seed)
+    emb.requires_grad_(True)
+    protos.requires_grad_(True)
+    ref = reference_single(emb, labels, own, protos, proto_labels, kappa)
+    fast = segsort_plus_loss(emb, labels, own, protos, proto_labels, kappa, reduction="none")
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(ref.mean(), (emb, protos))
+    g_fast = torch.autograd.grad(
+        segsort_plus_loss(emb, labels, own, protos, proto_labels, kappa, chunk_size=7), (emb, protos))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _random_set(seed: int):
+    """Random multi-hot tags including all-zero rows (pixels and segments) and all-ones rows."""
+    gen = torch.Generator().manual_seed(seed)
+    d, p, n, t = 5, 15, 30, 4
+    protos = _unit(torch.randn(p, d, generator=gen, dtype=torch.float64))
+    proto_tags = (torch.rand(p, t, generator=gen) < 0.3).long()
+    proto_tags[0] = 0
+    proto_tags[1] = 0
+    proto_tags[2] = 1
+    own = torch.randint(0, p, (n,), generator=gen)
+    own[:4] = torch.tensor([0, 1, 2, 2])
+    tags = proto_tags[own].clone()
+    emb = _unit(torch.randn(n, d, generator=gen, dtype=torch.float64))
+    return emb, tags, own, protos, proto_tags
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_set_form_matches_reference(seed):
+    emb, tags, own, protos, proto_tags = _random_set(seed)
+    emb.requires_grad_(True)
+    protos.requires_grad_(True)
+    kappa = 12.0
+    ref = reference_set(emb, tags, own, protos, proto_tags, kappa)
+    empty = tags.sum(1) == 0
+    assert empty.any() and (~empty).any()
+    dbl = set_segsort_loss(emb, tags, own, protos, proto_tags, kappa, empty="double_count",
+                           reduction="none")
+    torch.testing.assert_close(dbl, ref, rtol=1e-12, atol=1e-12)
+    # Double-count: the own segment is counted in the numerator and again among the negatives.
+    i = int(torch.nonzero(empty)[0])
+    e = torch.exp(kappa * protos @ emb[i])
+    expect = -torch.log(e[own[i]] / (e[own[i]] + e.sum()))
+    torch.testing.assert_close(dbl[i], expect, rtol=1e-12, atol=1e-12)
+    # Skip (paper default): all-zero rows are left out of the mean and report 0.
+    skip = set_segsort_loss(emb, tags, own, protos, proto_tags, kappa, reduction="none")
+    assert torch.all(skip[empty] == 0)
+    torch.testing.assert_close(skip[~empty], ref[~empty], rtol=1e-12, atol=1e-12)
+    mean = set_segsort_loss(emb, tags, own, protos, proto_tags, kappa, chunk_size=4)
+    torch.testing.assert_close(mean, ref[~empty].mean(), rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(ref[~empty].mean(), (emb, protos))
+    g_fast = torch.autograd.grad(mean, (emb, protos))
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_no_negatives_gives_zero_and_finite_gradients():
+    gen = torch.Generator().manual_seed(5)
+    protos = _unit(torch.randn(4, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    emb = _unit(torch.randn(6, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    own = torch.tensor([0, 1, 2, 3, 0, 1])
+    # Every segment shares tag 0 with every pixel: no negatives anywhere -> the term is 0.
+    tags = torch.ones(6, 2, dtype=torch.long)
+    loss = set_segsort_loss(emb, tags, own, protos, torch.ones(4, 2, dtype=torch.long), 12.0)
+    assert float(loss.detach()) == 0.0
+    g = torch.autograd.grad(loss, (emb, protos))
+    assert all(torch.isfinite(t).all() and float(t.abs().max()) < 1e-12 for t in g)
+    # A pool holding only the own segment (fallback, no negatives): loss 0, gradient finite.
+    single = segsort_plus_loss(emb[:1], torch.tensor([7]), torch.tensor([0]), protos[:1],
+                               torch.tensor([7]), 16.0)
+    assert float(single.detach()) == 0.0
+    assert all(torch.isfinite(t).all() for t in torch.autograd.grad(single, (emb, protos)))
+
+
+def test_row_with_every_other_entry_excluded_is_finite():
+    """Rows whose only valid entry is the own segment (everything else masked out) and rows
+    whose only valid entries are negatives stay finite in value and gradient."""
+    logits = torch.tensor([[3.0, -1.0, 2.0], [0.5, 4.0, -2.0], [1.0, 1.0, 1.0]],
+                          dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([[True, False, False], [False, True, True], [True, True, True]])
+    valid = torch.tensor([[True, False, False], [True, True, False], [False, False, True]])
+    own = torch.tensor([0, 1, 2])
+    loss = contrastive_nll(logits, pos, own, valid)
+    assert loss[0] == 0.0 and loss[2] == 0.0
+    torch.testing.assert_close(loss[1], torch.log1p(torch.exp(torch.tensor(0.5 - 4.0, dtype=torch.float64))))
+    (g,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(g).all()
+    assert float(g[0].abs().sum()) == 0.0 and float(g[1, 2]) == 0.0
+    # Large logit range (kappa 16 on opposite unit vectors) in float32: still exact.
+    big = torch.tensor([[16.0, -16.0, 15.0]], requires_grad=True)
+    val = contrastive_nll(big, torch.tensor([[True, True, False]]), torch.tensor([0]))
+    torch.testing.assert_close(val, torch.log1p(torch.exp(torch.tensor([31.0]))), rtol=1e-6, atol=0)
+    (gb,) = torch.autograd.grad(val.sum(), big)
+    assert torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("use_checkpoint", [True, False])
+def test_chunked_equals_unchunked(use_checkpoint):
+    emb, labels, own, protos, proto_labels = _random_single(7)
+    results = []
+    for chunk in (None, 1, 9, 1000):
+        e = emb.clone().requires_grad_(True)
+        p = protos.clone().requires_grad_(True)
+        loss = segsort_plus_loss(e, labels, own, p, proto_labels, 8.0, chunk_size=chunk,
+                                 checkpoint=use_checkpoint)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (e, p))))
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_memory_rows_get_gradient_only_as_pool_members():
+    emb, labels, own, protos, proto_labels = _random_single(2)
+    protos = protos.clone().requires_grad_(True)
+    loss = segsort_plus_loss(emb, labels, own, protos, proto_labels, 6.0)
+    (g,) = torch.autograd.grad(loss, protos)
+    assert float(g[12:].abs().sum()) > 0          # memory rows are in every pixel's denominator
+
+
+# ----------------------------------------------------------------------------------------------
+# label propagation
+
+
+def _nnprop_inputs(g, dtype):
+    t = {k: torch.tensor(g[k]) for k in ("query_batch_index", "prototype_semantic_labels",
+                                         "prototype_batch_index")}
+    return (torch.tensor(g["queries"], dtype=dtype), t["query_batch_index"],
+            torch.tensor(g["prototypes"], dtype=dtype), t["prototype_semantic_labels"],
+            t["prototype_batch_index"])
+
+
+@pytest.mark.parametrize("name", NNPROP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nnprop_golden(name, dtype, golden_compare):
+    g = load_golden(name)
+    args = _nnprop_inputs(g, dtype)
+    kw = dict(num_classes=int(g["num_classes"]), top_k=int(g["top_k"]), threshold=float(g["threshold"]))
+    raw = propagate_labels(*args, **kw, unknown="zeros")
+    _assert_golden(golden_compare, name, {"multiset_labels": raw.numpy()}, rtol=1e-8)
+    # Head usage: rows without an accepted neighbour become neutral all-ones rows.
+    filled = propagate_labels(*args, **kw)
+    expect = g["multiset_labels"].copy()
+    expect[expect.sum(1) == 0] = 1
+    np.testing.assert_array_equal(filled.numpy(), expect)
+
+
+def reference_propagation(q, qb, p, pl, pb, c, top_k, threshold, same_image):
+    out = torch.zeros(q.shape[0], c, dtype=torch.long)
+    for i in range(q.shape[0]):
+        cand = [j for j in range(p.shape[0]) if 0 <= int(pl[j]) < c
+                and (not same_image or int(pb[j]) == int(qb[i]))]
+        cand.sort(key=lambda j: (-float(q[i] @ p[j]), j))
+        for j in cand[:top_k]:
+            if float(q[i] @ p[j]) >= threshold:
+                out[i, int(pl[j])] = 1
+        if out[i].sum() == 0:
+            out[i] = 1
+    return out
+
+
+@pytest.mark.parametrize("same_image", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_propagation_matches_reference(same_image, top_k):
+    gen = torch.Generator().manual_seed(11)
+    p = _unit(torch.randn(30, 4, generator=gen, dtype=torch.float64))
+    p[5] = p[3]                                    # exact tie: smallest index wins
+    pl = torch.randint(0, 7, (30,), generator=gen)  # 5, 6 are unlabelled codes (C = 5)
+    pb = torch.randint(0, 3, (30,), generator=gen)
+    pb[5] = pb[3]
+    q = _unit(p + 0.3 * torch.randn(30, 4, generator=gen, dtype=torch.float64))
+    qb = pb.clone()
+    qb[0] = 9                                      # image without candidates
+    ref = reference_propagation(q, qb, p, pl, pb, 5, top_k, 0.8, same_image)
+    fast = propagate_labels(q, qb, p, pl, pb, 5, top_k=top_k, threshold=0.8, same_image=same_image)
+    torch.testing.assert_close(fast, ref)
+    assert bool((fast.sum(1) == 5).any()) and bool((fast.sum(1) < 5).any())
