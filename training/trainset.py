@@ -49,10 +49,13 @@ def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg:
     ``cams`` maps a record stem to its class activation maps (tags and boxes supervision).
     """
     from spml_deploy.training.overseg import OversegCache
-    from spml_deploy.training.weak_labels import weak_label_map
+    from spml_deploy.training.weak_labels import check_supervision, weak_label_map, weak_tags
+
+    check_supervision(records, supervision)
 
     label_dir = cache_dir / f"labels-{supervision}"
-    overseg = OversegCache(cache_dir / "overseg", method=cfg.train.overseg)
+    overseg = OversegCache(cache_dir / "overseg", method=cfg.train.overseg,
+                           max_regions=cfg.train.overseg_regions)
     C = dataset.num_classes
     items = []
     for rec in tqdm(records, desc=f"preparing {supervision} labels", disable=not progress,
@@ -61,7 +64,7 @@ def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg:
         image = None
         if not label_path.is_file():
             cam = None if cams is None else cams.get(rec.stem)
-            label = weak_label_map(rec, supervision, C, cfg.train, cams=cam)
+            label = weak_label_map(rec, supervision, C, cfg.train, cams=cam, strict=False)
             if cfg.compat.unlabeled_as_void:
                 label = np.where((label >= C) & (label != VOID), VOID, label).astype(np.uint8)
             write_label_png(label_path, label)
@@ -71,10 +74,8 @@ def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg:
         if not region_path.is_file():
             image = read_image(rec.path) if image is None else image
             overseg.get(rec.path, image)
-        if supervision == "tags":
-            tags = tuple(int(t) for t in rec.tags)
-        else:
-            tags = tags_of(label, C)
+        vec = weak_tags(rec, supervision, label, C)
+        tags = tuple(int(i) for i in np.flatnonzero(vec) if i > 0)
         items.append(PreparedItem(rec.stem, Path(rec.path), label_path, region_path, tags))
     return items
 

@@ -26,7 +26,7 @@ from typing import Any, Union
 import cv2
 import numpy as np
 
-from spml_deploy.config import SUPERVISIONS, VOID
+from spml_deploy.config import SUPERVISIONS
 from spml_deploy.errors import DatasetError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,8 @@ def record_kinds(record: Any) -> tuple[str, ...]:
         "scribbles": bool(getattr(record, "scribbles", ())) or has_sparse,
         "points": bool(getattr(record, "points", ())) or has_sparse,
         "boxes": bool(getattr(record, "boxes", ())),
-        "tags": bool(getattr(record, "tags", ())),
+        # an image whose tags were given (even empty: background only) or derived has tags
+        "tags": bool(getattr(record, "tags", ())) or getattr(record, "tags_source", "none") != "none",
     }
     return tuple(k for k in SUPERVISIONS if have[k])
 
@@ -463,7 +464,10 @@ def weak_label_map(record: Any, kind: str, num_classes: int, cfg: Any = None,
         cams: CAM source for boxes/tags (see :data:`CamSource`; tags need an array).
         strict: if the image lacks the kind, raise (naming the kinds it has); if False, return the
             label map of an image annotated with nothing of that kind (all ``UNL`` for scribbles /
-            points, all background for boxes / tags). Full masks are always required.
+            points, all background for boxes / tags). Full masks are always required. An image
+            whose given tags are empty (background only) counts as having (zero) boxes. A trainer
+            should call :func:`check_supervision` on the whole split once and then use
+            ``strict=False``: a single image without annotations is not an error.
     """
     from spml_deploy.config import TrainConfig
 
@@ -474,34 +478,25 @@ def weak_label_map(record: Any, kind: str, num_classes: int, cfg: Any = None,
     if kind not in SUPERVISIONS:
         raise TrainingError(f"unknown supervision '{kind}'", fix=f"choose one of {', '.join(SUPERVISIONS)}")
     kinds = record_kinds(record)
-    if kind not in kinds and (strict or kind == "full"):
+    # an image explicitly tagged as background only (given, empty tags) is box-annotated too
+    empty_ok = (kind == "boxes" and getattr(record, "tags_source", "none") == "given"
+                and not tuple(getattr(record, "tags", ()) or ()))
+    if kind not in kinds and not empty_ok and (strict or kind == "full"):
         have = ", ".join(kinds) if kinds else "nothing"
         raise TrainingError(f"image '{name}' has no {_kind_phrase(kind)}; it has: {have}",
                             fix="choose a --supervision kind the dataset has (spml-deploy data check)")
     if kind == "full":
         from spml_deploy.data import load_mask
 
-        mask = np.asarray(load_mask(record))
-        if mask.shape != (h, w):
-            raise DatasetError(f"mask size {mask.shape} differs from image size {(h, w)}",
-                               path=getattr(record, "mask_path", None))
-        bad = (mask >= num_classes) & (mask != VOID)
-        if bad.any():
-            raise DatasetError(f"mask has class ids {sorted(set(np.unique(mask[bad]).tolist()))[:5]} "
-                               f"outside 0..{num_classes - 1} and 255",
-                               path=getattr(record, "mask_path", None))
+        mask = np.asarray(load_mask(record, num_classes))   # checks size and class ids
         return mask.astype(np.uint8, copy=True)
     if kind in ("scribbles", "points"):
         items = list(getattr(record, kind, ()) or ())
         if not items and getattr(record, "sparse_path", None) is not None:
             from spml_deploy.data import load_sparse
 
-            out = labels_from_sparse(load_sparse(record), num_classes, unl,
-                                     path=str(record.sparse_path))
-            if out.shape != (h, w):
-                raise DatasetError(f"sparse label map size {out.shape} differs from image size "
-                                   f"{(h, w)}", path=str(record.sparse_path))
-            return out
+            return labels_from_sparse(load_sparse(record, num_classes), num_classes, unl,
+                                      path=str(record.sparse_path))
         if kind == "scribbles":
             return rasterize_scribbles(items, h, w, num_classes, cfg.scribble_width, unl)
         return rasterize_points(items, h, w, num_classes, cfg.point_dilation, unl)
