@@ -123,6 +123,7 @@ class TrainConfig:
     cam_threshold: float = 0.2
     box_threshold: float = 0.5
     overseg: str = "felzenszwalb"
+    overseg_regions: int = 256      # at most this many over-segmentation regions per image
     pretrained: str = ""            # path to ImageNet weights (torchvision state dict), "" = scratch
     workers: int = 0                # data-loading worker processes (0 = in the training process)
     train_split: str = "train"
@@ -167,7 +168,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 # Training-size presets that go with the network presets (the paper's schedule for resnets).
 TRAIN_SIZE_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(iters=300, batch=8, crop=128, ckpt_every=100, classifier_iters=200, cam_iters=200),
+    # 128 px scenes: 32 regions keep the region size of VOC's 256 regions on ~500 px images
+    "tiny": dict(iters=300, batch=8, crop=128, ckpt_every=100, classifier_iters=200, cam_iters=200,
+                 overseg_regions=32),
     "resnet18": dict(iters=30000, crop=512),
     "resnet50": dict(iters=30000, crop=512),
     "resnet101": dict(iters=30000, crop=512),

@@ -7,7 +7,9 @@ stride 4 — and everything after that is this module's host code, shared by all
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -80,3 +82,207 @@ def predict_logits(net: torch.nn.Module, classifier: torch.nn.Module, image: np.
 
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# The full pipeline: backend -> classifier (softmax or kNN) -> optional random walk -> labels
+
+
+@dataclass
+class Prediction:
+    """One image's result: label map at the original size (uint8 class ids) and timings."""
+
+    labels: np.ndarray
+    class_names: list[str]
+    timings: dict[str, float]
+    scores: np.ndarray | None = None     # [C, H, W] class scores when asked for
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    classifier: str = "softmax"          # "softmax" (the trained f0/f1) or "knn" (prototype memory)
+    refine: bool = False                 # random-walk refinement (spec 7.2)
+    test_grid: tuple[int, int] = (12, 12)
+    kmeans_iters: int = 10
+    knn_k: int = 20
+    rw_beta: float = 5.0
+    rw_alpha: float = 20.0
+    rw_squarings: int = 6
+    rw_method: str = "auto"
+    keep_scores: bool = False
+
+
+class Pipeline:
+    """Batch inference shared by every backend.
+
+    ``backend(x)`` maps normalised images [B, 3, H, W] to (unit embeddings, logits) at stride 4.
+    ``memory`` (for ``classifier='knn'``) is an object with ``vote(queries [M, D]) -> labels [M]``
+    (see :mod:`spml_deploy.index`).
+    """
+
+    def __init__(self, backend, preprocess_cfg: PreprocessConfig, class_names: list[str],
+                 palette: list[list[int]], options: PipelineOptions = PipelineOptions(),
+                 memory=None):
+        if options.classifier not in ("softmax", "knn"):
+            from spml_deploy.errors import ConfigError
+
+            raise ConfigError(f"unknown classifier '{options.classifier}'", fix="use softmax or knn")
+        if options.classifier == "knn" and memory is None:
+            from spml_deploy.errors import ConfigError
+
+            raise ConfigError("the kNN classifier needs a prototype memory, and this run/bundle "
+                              "has none", fix="use --classifier softmax, or build the memory "
+                              "(spml-deploy train finishes with it)")
+        self.backend = backend
+        self.pp = preprocess_cfg
+        self.class_names = list(class_names)
+        self.palette = palette
+        self.opt = options
+        self.memory = memory
+        self.device = getattr(backend, "device", torch.device("cpu"))
+        self._timings: dict[str, float] = {}
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def pop_timings(self) -> dict[str, float]:
+        t, self._timings = self._timings, {}
+        return t
+
+    def _tick(self, key: str, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self._timings[key] = self._timings.get(key, 0.0) + now - t0
+        return now
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Label maps for a list of RGB uint8 images (any sizes)."""
+        t = time.perf_counter()
+        prepped = [preprocess(im, self.pp) for im in images]
+        ph = max(p.padded_hw[0] for _, p in prepped)
+        pw = max(p.padded_hw[1] for _, p in prepped)
+        x = np.zeros((len(images), 3, ph, pw), np.float32)
+        for i, (arr, _) in enumerate(prepped):
+            x[i, :, : arr.shape[1], : arr.shape[2]] = arr
+        xt = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            xt = xt.pin_memory().to(self.device, non_blocking=True)
+        t = self._tick("read+preprocess", t)
+        phi, logits = self.backend(xt)
+        t = self._tick("network", t)
+        B, _, h, w = phi.shape
+        valid = torch.zeros(B, h, w, dtype=torch.bool, device=phi.device)
+        for i, (_, p) in enumerate(prepped):
+            valid[i, : -(-p.resized_hw[0] // 4), : -(-p.resized_hw[1] // 4)] = True
+        if self.opt.classifier == "softmax":
+            scores = torch.softmax(logits.float(), dim=1)
+        else:
+            scores = self._knn_scores(phi, valid)
+        t = self._tick("classifier", t)
+        if self.opt.refine:
+            scores = self._refine(scores, phi, valid)
+            t = self._tick("refine", t)
+        results = []
+        for i, (_, p) in enumerate(prepped):
+            s = F.interpolate(scores[i: i + 1], size=(ph, pw), mode="bilinear", align_corners=False)
+            s = s[0, :, : p.resized_hw[0], : p.resized_hw[1]]
+            lab = labels_to_original(s.argmax(0).to(torch.uint8).cpu().numpy(), p)
+            keep = None
+            if self.opt.keep_scores:
+                keep = F.interpolate(s[None], size=p.orig_hw, mode="bilinear",
+                                     align_corners=False)[0].cpu().numpy()
+            results.append(Prediction(lab, self.class_names, {}, keep))
+        t = self._tick("postprocess", t)
+        n = len(images)
+        per_image = {k: v / n for k, v in self._timings.items()}
+        for r in results:
+            r.timings = per_image
+        return results
+
+    def _knn_scores(self, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One-hot class scores [B, C, h, w]: every pixel takes its k-means segment's kNN vote."""
+        from spml_deploy.prototypes import segment_memory
+
+        (protos, _, _, pix) = segment_memory(phi, None, valid, self.opt.test_grid,
+                                             iters=self.opt.kmeans_iters, return_index=True)
+        C = len(self.class_names)
+        seg_labels = self.memory.vote(protos).to(phi.device)           # [M]
+        lab = torch.where(pix >= 0, seg_labels[pix.clamp_min(0)], 0)    # [B, h, w]
+        return F.one_hot(lab, C).permute(0, 3, 1, 2).float()
+
+    def _refine(self, scores: torch.Tensor, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Random walk on the 1/8 grid (spec 7.2) over the valid (non-padding) cells; classes
+        that win no pixel of the image are treated as absent (zeroed before the walk)."""
+        from spml_deploy.refine import normalize_score_map, random_walk
+
+        B, C, h, w = scores.shape
+        h8, w8 = max(1, h // 2), max(1, w // 2)
+        s8 = F.interpolate(scores, size=(h8, w8), mode="bilinear", align_corners=False)
+        v8 = F.interpolate(valid[:, None].float(), size=(h8, w8), mode="area")[:, 0] >= 0.5
+        present = F.one_hot(scores.argmax(1), C).flatten(1, 2).amax(1).bool()      # [B, C]
+        s8 = normalize_score_map(s8, present, v8)
+        p8 = F.normalize(F.interpolate(phi.float(), size=(h8, w8), mode="bilinear",
+                                       align_corners=False), dim=1, eps=1e-12)
+        out = random_walk(s8.flatten(2), p8.flatten(2), method=self.opt.rw_method,
+                          beta=self.opt.rw_beta, alpha=self.opt.rw_alpha,
+                          squarings=self.opt.rw_squarings, valid=v8.flatten(1))
+        return F.interpolate(out.view(B, C, h8, w8), size=(h, w), mode="bilinear",
+                             align_corners=False)
+
+
+class PrototypeMemory:
+    """The training set's segment prototypes with their labels, for kNN label retrieval."""
+
+    def __init__(self, prototypes: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 20,
+                 device: torch.device | str = "cpu"):
+        self.protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)).to(device)
+        self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+        self.num_classes = num_classes
+        self.k = k
+
+    @classmethod
+    def load(cls, path: str | Path, num_classes: int, k: int = 20, device="cpu") -> "PrototypeMemory":
+        from spml_deploy.errors import ManifestError
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["prototypes"], z["labels"], num_classes, k, device)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ManifestError(f"prototype memory is unreadable ({exc})", path=path,
+                                fix="re-run 'spml-deploy train --resume' to rebuild it") from exc
+
+    def vote(self, queries: torch.Tensor) -> torch.Tensor:
+        """Majority label of the k most similar memory prototypes, per query [M, D] -> [M]."""
+        from spml_deploy.index import topk_vote
+
+        return topk_vote(queries.to(self.protos), self.protos, self.labels, k=self.k,
+                         num_classes=self.num_classes)
+
+
+def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
+                  options: PipelineOptions = PipelineOptions(), **backend_options) -> "Pipeline":
+    """A :class:`Pipeline` for a run folder or bundle: its backend, classes, palette, memory."""
+    from dataclasses import replace as _replace
+
+    from spml_deploy.artifacts import read_manifest
+    from spml_deploy.backends import load_backend
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    manifest = read_manifest(folder, verify=True)
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():     # run folders carry the segmentation settings of their training
+        import json
+
+        seg = json.loads(cfg_path.read_text()).get("segmentation", {})
+        if "test_grid" in seg and options.test_grid == PipelineOptions.test_grid:
+            options = _replace(options, test_grid=tuple(seg["test_grid"]))
+    memory = None
+    if options.classifier == "knn" and "memory" in manifest.files:
+        memory = PrototypeMemory.load(folder / manifest.files["memory"]["path"],
+                                      manifest.num_classes, options.knn_k, device)
+    be = load_backend(folder, kind=backend, device=device, **backend_options)
+    return Pipeline(be, manifest.preprocess, manifest.classes, manifest.palette, options, memory)

@@ -70,11 +70,7 @@ class Trainer:
         from spml_deploy.model import build_model, param_groups
 
         self.cfg, self.C, self.device = cfg, num_classes, device
-        self.net, self.f0 = build_model(cfg.model)
-        if cfg.train.pretrained:
-            from spml_deploy.model import load_pretrained_backbone
-
-            load_pretrained_backbone(self.net, cfg.train.pretrained)
+        self.net, self.f0 = build_model(cfg.model, pretrained=cfg.train.pretrained or None)
         self.net.to(device)
         self.f0.to(device)
         groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay)
@@ -86,9 +82,7 @@ class Trainer:
             self.memory = MemoryBank(cfg.segmentation.memory_size)
 
     def train_mode(self) -> None:
-        from spml_deploy.model import set_train_mode
-
-        set_train_mode(self.net, True)
+        self.net.train()     # the backbone keeps a frozen stem/res2 in eval mode itself
         self.f0.train()
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
@@ -128,7 +122,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) for k, v in out.items()}
 
     def state(self, step: int) -> dict[str, Any]:
         st = {"net": self.net.state_dict(), "f0": self.f0.state_dict(),
@@ -272,10 +266,32 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
                 atomic_torch_save(trainer.state(step), out / CHECKPOINT)
     bar.close()
-    atomic_torch_save(trainer.state(step), out / CHECKPOINT)
-    atomic_torch_save({"net": trainer.net.state_dict(), "f0": trainer.f0.state_dict()}, out / WEIGHTS)
-    manifest = write_run_manifest(out, dataset, cfg, step, last_val)
-    return {"run": str(out), "steps": step, "val": last_val, "manifest": str(manifest)}
+    if step > start:
+        atomic_torch_save(trainer.state(step), out / CHECKPOINT)
+    weights = {"net": trainer.net.state_dict(), "f0": trainer.f0.state_dict()}
+    extra: dict[str, str] = {}
+    if not cfg.train.baseline and cfg.train.classifier_iters > 0:
+        # Pseudo labels -> f1 (f2 for tags) -> prototype memory; each stage resumable.
+        from spml_deploy.training.pseudo import CLASSIFIER, finish_run
+
+        extra = finish_run(out, cfg, C, trainer.net, trainer.f0, items,
+                           {r.stem: r for r in records}, dev, progress)
+        weights["f1"] = load_weights(out / CLASSIFIER)["f1"]
+    atomic_torch_save(weights, out / WEIGHTS)
+    final_val = None
+    if has_val:
+        from spml_deploy.model import PixelClassifier
+
+        clf = trainer.f0
+        if "f1" in weights:
+            clf = PixelClassifier(cfg.model.embed_dim, C, 0.0).to(dev)
+            clf.load_state_dict(weights["f1"])
+        scores = evaluate_f0(trainer.net, clf, dataset, cfg.train.val_split, cfg, dev)
+        final_val = {"classifier": "f1" if "f1" in weights else "f0", "miou": scores["miou"]}
+    manifest = write_run_manifest(out, dataset, cfg, step, final_val or last_val,
+                                  {"memory": extra["memory"]} if "memory" in extra else None)
+    return {"run": str(out), "steps": step, "val": final_val or last_val, "f0_val": last_val,
+            "manifest": str(manifest)}
 
 
 def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,

@@ -35,11 +35,6 @@ class PreparedItem:
     tags: tuple[int, ...]
 
 
-def tags_of(label: np.ndarray, num_classes: int) -> tuple[int, ...]:
-    """Foreground classes present in an un-augmented label map (spec 1.4; background excluded)."""
-    present = np.unique(label)
-    return tuple(int(c) for c in present if 1 <= c < num_classes)
-
 
 def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg: RunConfig,
             cache_dir: Path, device: str = "cpu", cams: dict | None = None,

@@ -1,0 +1,230 @@
+"""Batch segmentation of image folders (``spml-deploy segment``).
+
+INPUT is a folder (searched recursively), a glob pattern, or a text file listing image paths.
+OUTPUT receives ``labels/<relative path>.png`` (palette PNG of class ids, same size as the
+input), optional ``overlays/<relative path>.png``, ``results.jsonl`` (one line per image) and
+``failed.txt`` (path and reason). Every file is written atomically; ``--skip-existing`` resumes
+an interrupted job without redoing finished images; a bad image is reported and the job goes on.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from spml_deploy.errors import SpmlError
+from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image, write_label_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    path: Path       # the image file
+    rel: str         # relative path used for the outputs (posix, with extension)
+
+
+def discover(source: str | Path) -> list[InputItem]:
+    """Images named by ``source``: a folder (recursive), a glob pattern, or a .txt list of paths."""
+    text = str(source)
+    p = Path(text)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        return [InputItem(f, f.relative_to(p).as_posix()) for f in files]
+    if p.is_file() and p.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in p.read_text().splitlines()]
+        paths = [Path(ln) if os.path.isabs(ln) else (p.parent / ln) for ln in lines
+                 if ln and not ln.startswith("#")]
+        return _relative_to_common(paths)
+    if p.is_file():
+        return [InputItem(p, p.name)]
+    if any(ch in text for ch in "*?["):
+        return _relative_to_common(sorted(Path(f) for f in _glob.glob(text, recursive=True)
+                                          if Path(f).is_file()))
+    raise SpmlError("input not found: not a folder, an image, a .txt list or a glob pattern",
+                    path=source, fix="pass a folder of images, 'dir/**/*.jpg' or a text file of paths")
+
+
+def _relative_to_common(paths: list[Path]) -> list[InputItem]:
+    if not paths:
+        return []
+    absolute = [q.resolve() for q in paths]
+    root = Path(os.path.commonpath([str(q.parent) for q in absolute]))
+    return [InputItem(q, a.relative_to(root).as_posix()) for q, a in zip(paths, absolute)]
+
+
+def label_path(out: Path, rel: str) -> Path:
+    return out / "labels" / (rel.rsplit(".", 1)[0] + ".png")
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray, palette: list[list[int]],
+                  alpha: float = 0.5) -> np.ndarray:
+    """Blend the class colours over the image (uint8 RGB [H, W, 3])."""
+    pal = np.zeros((256, 3), np.uint8)
+    pal[: len(palette)] = np.asarray(palette, np.uint8)[:256]
+    colour = pal[labels]
+    return (image * (1 - alpha) + colour * alpha).astype(np.uint8)
+
+
+@dataclass
+class JobReport:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [f"images: {self.done} done, {self.skipped} skipped, {self.failed} failed "
+                 f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"]
+        total = sum(self.stages.values()) or 1.0
+        if self.stages:
+            lines.append("time per stage (ms/image, share):")
+            n = max(self.done, 1)
+            for k, v in self.stages.items():
+                lines.append(f"  {k:<16} {1000 * v / n:9.2f}  {100 * v / total:5.1f}%")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "seconds": self.seconds, "images_per_s": self.images_per_s,
+                "stages_s": dict(self.stages)}
+
+
+def _read(item: InputItem) -> tuple[InputItem, np.ndarray | None, str | None, float]:
+    t = time.perf_counter()
+    try:
+        return item, read_image(item.path), None, time.perf_counter() - t
+    except SpmlError as exc:
+        return item, None, exc.message, time.perf_counter() - t
+    except Exception as exc:  # any decoder error: report it, keep going
+        return item, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t
+
+
+def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor
+             ) -> Iterator[list[tuple[InputItem, np.ndarray | None, str | None, float]]]:
+    """Read images in background threads, one batch ahead of the consumer."""
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+    pending: list[list[Future]] = []
+    for i, chunk in enumerate(chunks):
+        pending.append([pool.submit(_read, it) for it in chunk])
+        if i >= 1:
+            yield [f.result() for f in pending.pop(0)]
+    while pending:
+        yield [f.result() for f in pending.pop(0)]
+
+
+def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
+                    overlay: bool = False, skip_existing: bool = False,
+                    progress: bool = True, only: list[str] | None = None) -> JobReport:
+    """Segment every image of ``source`` into ``out`` with ``pipeline`` (a core Pipeline).
+
+    ``only``: optional list of file stems to keep (e.g. a dataset split).
+    """
+    out = Path(out)
+    items = discover(source)
+    if only is not None:
+        keep = set(only)
+        items = [it for it in items if Path(it.rel).stem in keep]
+    if not items:
+        raise SpmlError("no images found", path=source,
+                        fix=f"image extensions: {', '.join(IMAGE_EXTENSIONS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    report = JobReport()
+    todo = []
+    for it in items:
+        if skip_existing and label_path(out, it.rel).is_file():
+            report.skipped += 1
+        else:
+            todo.append(it)
+    palette = pipeline.palette
+    failed_lines: list[str] = []
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(items), initial=report.skipped, desc="segment", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    results_f = open(out / "results.jsonl", "a")
+    try:
+        with ThreadPoolExecutor(max_workers=2) as readers, ThreadPoolExecutor(max_workers=2) as writers:
+            writes: list[Future] = []
+            for group in _batches(todo, batch, readers):
+                good = []
+                for it, img, err, dt in group:
+                    report.stages["read+preprocess"] += dt
+                    if err is not None:
+                        failed_lines.append(f"{it.path}\t{err}")
+                        report.failed += 1
+                        bar.update(1)
+                    else:
+                        good.append((it, img))
+                if not good:
+                    continue
+                try:
+                    outputs = pipeline.predict([img for _, img in good])
+                except SpmlError as exc:
+                    for it, _ in good:
+                        failed_lines.append(f"{it.path}\t{exc.message}")
+                        report.failed += 1
+                    bar.update(len(good))
+                    continue
+                for key, v in pipeline.pop_timings().items():
+                    report.stages[key] += v
+                for (it, img), res in zip(good, outputs):
+                    writes.append(writers.submit(_write, out, it, img, res, palette, overlay))
+                done_writes = [w for w in writes if w.done()]
+                for w in done_writes:
+                    _finish(w, results_f, report)
+                    writes.remove(w)
+                bar.update(len(good))
+            for w in writes:
+                _finish(w, results_f, report)
+    finally:
+        results_f.close()
+        bar.close()
+        if failed_lines:
+            with open(out / "failed.txt", "a") as f:
+                f.write("\n".join(failed_lines) + "\n")
+        report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _write(out: Path, it: InputItem, image: np.ndarray, res, palette, overlay: bool) -> tuple[dict, float]:
+    t = time.perf_counter()
+    labels = res.labels
+    write_label_png(label_path(out, it.rel), labels, palette)
+    if overlay:
+        from PIL import Image
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(overlay_image(image, labels, palette)).save(buf, format="PNG")
+        atomic_write_bytes(out / "overlays" / (it.rel.rsplit(".", 1)[0] + ".png"), buf.getvalue())
+    ids, counts = np.unique(labels, return_counts=True)
+    names = res.class_names
+    record = {"path": str(it.path), "label": str(label_path(out, it.rel)),
+              "size": [int(labels.shape[1]), int(labels.shape[0])],
+              "classes": {names[i] if i < len(names) else str(i): int(c) for i, c in zip(ids, counts)},
+              "timings_ms": {k: round(1000 * v, 3) for k, v in res.timings.items()}}
+    return record, time.perf_counter() - t
+
+
+def _finish(fut: Future, results_f, report: JobReport) -> None:
+    record, dt = fut.result()
+    report.stages["write"] += dt
+    results_f.write(json.dumps(record) + "\n")
+    results_f.flush()
+    report.done += 1
