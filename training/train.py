@@ -116,7 +116,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at step {step} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in out.items())}); "
+                f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in out.items())}); "
                 "the last good checkpoint is kept",
                 fix="lower --lr or check the annotations; resume with --resume")
         self.opt.zero_grad(set_to_none=True)
