@@ -1,0 +1,159 @@
+"""``spml-deploy segment``: outputs, bad files, resume, palette, and the demo end to end."""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runs import make_run
+from spml_deploy.artifacts import read_manifest
+from spml_deploy.cli import main
+from spml_deploy.pipeline import Pipeline, PipelineOptions, load_pipeline
+from spml_deploy.serving.segment import discover, run_segment_job
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run") / "run", num_classes=4)
+
+
+def _png_bomb(path: Path, w: int = 60000, h: int = 60000) -> None:
+    """A tiny PNG whose header declares w x h pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (33, 41), np.uint8)).save(src / "sub" / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 4), np.uint8), "RGBA").save(src / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 24), np.uint16)).save(src / "deep16.png")
+    jpg = src / "corrupt.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_text("this is not an image")
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(src / "tiny.png")
+    _png_bomb(src / "bomb.png")
+    return src
+
+
+GOOD = {"a.png", "sub/gray.jpg", "rgba.png", "deep16.png"}
+BAD = {"corrupt.jpg", "empty.png", "text.png", "tiny.png", "bomb.png"}
+
+
+def test_bad_files_reported_good_ones_written(run, folder, tmp_path):
+    out = tmp_path / "out"
+    pipe = load_pipeline(run)
+    report = run_segment_job(pipe, folder, out, batch=3, overlay=True, progress=False)
+    assert (report.done, report.failed, report.skipped) == (len(GOOD), len(BAD), 0)
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert {Path(line.split("\t")[0]).relative_to(folder).as_posix() for line in failed} == BAD
+    assert all(len(line.split("\t")[1]) > 5 for line in failed)          # a reason for each
+    for rel in GOOD:
+        lab = Image.open(out / "labels" / (rel.rsplit(".", 1)[0] + ".png"))
+        src = Image.open(folder / rel)
+        assert lab.mode == "P" and lab.size == src.size
+        assert np.asarray(lab).max() < 4
+        pal = lab.getpalette()[:12]
+        assert pal == [v for c in read_manifest(run).palette[:4] for v in c]   # the run's colours
+        assert (out / "overlays" / (rel.rsplit(".", 1)[0] + ".png")).is_file()
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == len(GOOD)
+    for r in results:
+        w, h = r["size"]
+        assert sum(r["classes"].values()) == w * h
+        assert "network" in r["timings_ms"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_skip_existing_resumes_without_redoing(run, folder, tmp_path):
+    out = tmp_path / "out"
+    pipe = load_pipeline(run)
+    run_segment_job(pipe, folder, out, progress=False)
+    done = out / "labels" / "a.png"
+    done.unlink()
+    before = {p: p.stat().st_mtime_ns for p in (out / "labels").rglob("*.png")}
+    report = run_segment_job(pipe, folder, out, skip_existing=True, progress=False)
+    assert report.done == 1 and report.skipped == len(GOOD) - 1
+    assert done.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_same_labels_whatever_the_batch(run, folder, tmp_path):
+    pipe = load_pipeline(run)
+    a = run_segment_job(pipe, folder, tmp_path / "b1", batch=1, progress=False)
+    b = run_segment_job(pipe, folder, tmp_path / "b4", batch=4, progress=False)
+    assert a.done == b.done
+    for p in (tmp_path / "b1" / "labels").rglob("*.png"):
+        q = tmp_path / "b4" / p.relative_to(tmp_path / "b1")
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(q)))
+
+
+def test_discover_glob_and_list(folder, tmp_path):
+    items = discover(str(folder / "**" / "*.jpg"))
+    assert {i.rel for i in items} == {"corrupt.jpg", "sub/gray.jpg"}
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# a comment\n{folder / 'a.png'}\n{folder / 'sub' / 'gray.jpg'}\n")
+    assert {i.rel for i in discover(lst)} == {"a.png", "sub/gray.jpg"}
+
+
+def test_cli_exit_code_reports_failures(run, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(run), str(folder), str(tmp_path / "o"), "--quiet"])
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert "5 failed" in captured.out and "failed.txt" in captured.err
+
+
+def test_refine_and_knn_paths(run, folder, tmp_path):
+    """--refine and --classifier knn run through the same pipeline and give valid labels."""
+    rng = np.random.default_rng(1)
+    protos = rng.normal(size=(50, 32)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    from spml_deploy.pipeline import PrototypeMemory
+
+    pipe = load_pipeline(run, options=PipelineOptions(refine=True))
+    image = np.asarray(Image.open(folder / "a.png").convert("RGB"))
+    (res,) = pipe.predict([image])
+    assert res.labels.shape == image.shape[:2] and "refine" in res.timings
+    mem = PrototypeMemory(protos, rng.integers(0, 4, 50), num_classes=4, k=5)
+    knn = Pipeline(pipe.backend, pipe.pp, pipe.class_names, pipe.palette,
+                   PipelineOptions(classifier="knn"), memory=mem)
+    (res,) = knn.predict([image])
+    assert res.labels.shape == image.shape[:2] and res.labels.max() < 4
+
+
+def test_knn_without_memory_is_a_clear_error(run, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(run), str(tmp_path), str(tmp_path / "o"), "--classifier", "knn"])
+    assert exc.value.code == 2
+    assert "memory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path, capsys):
+    main_args = ["demo", "--out", str(tmp_path / "demo"), "--n-train", "6", "--n-val", "2",
+                 "--iters", "3", "--classifier-iters", "2", "--quiet"]
+    try:
+        main(main_args)
+    except SystemExit as exc:  # pragma: no cover - main exits only on errors
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert "SPML, points" in out and "partial CE" in out
+    res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert 0 <= res["spml_miou"] <= 100 and 0 <= res["pce_miou"] <= 100
+    assert len(list((tmp_path / "demo" / "segment-val" / "labels").glob("*.png"))) == 2
+    assert len(list((tmp_path / "demo" / "segment-val" / "overlays").glob("*.png"))) == 2
