@@ -1,0 +1,162 @@
+"""``spml-deploy benchmark``: latency and throughput of each backend on the same inputs.
+
+Per backend: ``warmup`` untimed batches, then ``iters`` timed batches of ``batch`` synthetic
+images of ``imgsz`` x ``imgsz``. Each batch is timed in three stages:
+
+* ``preprocess``: :func:`spml_deploy.pipeline.preprocess` of each image, stacking, copy to device,
+* ``network``: the backend call (embeddings + logits), synchronised on a GPU,
+* ``postprocess``: logits upsampled to the input size (bilinear) and argmax -> label maps on the
+  host (the classifier read-out; k-means/random walk are the same host code for every backend).
+
+Reported per backend: median and p90 latency per batch (all stages), images/s from the median
+end-to-end latency and from the median network time, per-stage medians, and the achieved TFLOP/s
+of the network (``model.count_flops`` with the classifier, per image, times images/s).
+A backend that cannot be opened (not installed, no GPU, no model.onnx/model.engine in ``path``,
+an engine from another GPU) is reported as skipped with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from spml_deploy.artifacts import read_manifest
+from spml_deploy.backends import Backend, load_backend
+from spml_deploy.errors import ExportError, SpmlError
+from spml_deploy.model import count_flops
+from spml_deploy.pipeline import preprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _time_backend(backend: Backend, images: list[np.ndarray], pp: Any, warmup: int,
+                  iters: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"preprocess": [], "network": [], "postprocess": [], "total": []}
+    dev = backend.device
+    for it in range(warmup + iters):
+        t0 = time.perf_counter()
+        arrays = [preprocess(img, pp)[0] for img in images]
+        x = torch.from_numpy(np.stack(arrays)).to(dev)
+        _sync(dev)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            _, logits = backend(x)
+        _sync(dev)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            up = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+            labels = up.argmax(dim=1).to(torch.uint8).cpu()
+        t3 = time.perf_counter()
+        assert labels.shape[0] == len(images)
+        if it >= warmup:
+            for key, value in (("preprocess", t1 - t0), ("network", t2 - t1),
+                               ("postprocess", t3 - t2), ("total", t3 - t0)):
+                times[key].append(value)
+    return times
+
+
+def _summary(times: dict[str, list[float]], batch: int, gflop_per_image: float) -> dict[str, Any]:
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    p90 = {k: float(np.percentile(v, 90)) for k, v in times.items()}
+    net_ips = batch / med["network"]
+    return {
+        "latency_ms": {"median": 1e3 * med["total"], "p90": 1e3 * p90["total"]},
+        "stages_ms": {k: 1e3 * med[k] for k in ("preprocess", "network", "postprocess")},
+        "network_ms_p90": 1e3 * p90["network"],
+        "images_per_s": batch / med["total"],
+        "network_images_per_s": net_ips,
+        "tflops": gflop_per_image * net_ips / 1e3,
+    }
+
+
+def benchmark(path: str | Path, backends: Sequence[str] = DEFAULT_BACKENDS, imgsz: int = 256,
+              batch: int = 1, warmup: int = 5, iters: int = 30, device: str = "cpu",
+              options: dict[str, dict[str, Any]] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Benchmark ``backends`` on the run folder or bundle ``path``; returns a JSON-able dict.
+
+    ``options`` maps a backend kind to keyword options for :func:`load_backend` (e.g.
+    ``{"onnxruntime": {"threads": 2}, "torch": {"precision": "bf16"}}``).
+    """
+    if imgsz <= 0 or imgsz % 8:
+        raise ExportError(f"--imgsz {imgsz} must be a positive multiple of 8")
+    if batch < 1 or iters < 1 or warmup < 0:
+        raise ExportError(f"invalid batch/iters/warmup: {batch}/{iters}/{warmup}")
+    manifest = read_manifest(path, verify=True)
+    pp = replace(manifest.preprocess, max_side=imgsz)
+    gflop = count_flops(manifest.model, (imgsz, imgsz), with_classifier=True)
+    images = _images(batch, imgsz, seed)
+    results: dict[str, Any] = {}
+    for kind in backends:
+        try:
+            backend = load_backend(path, kind, device, **(options or {}).get(kind, {}))
+        except SpmlError as exc:          # not installed, no GPU, no model file, wrong GPU
+            results[kind] = {"skipped": str(exc)}
+            log.warning("benchmark: %s skipped: %s", kind, results[kind]["skipped"])
+            continue
+        try:
+            times = _time_backend(backend, images, pp, warmup, iters)
+            results[kind] = {**_summary(times, batch, gflop), "config": backend.describe()}
+        finally:
+            backend.close()
+    return {
+        "path": str(path),
+        "model": {"backbone": manifest.model.backbone, "embed_dim": manifest.model.embed_dim,
+                  "num_classes": manifest.num_classes, "gflop_per_image": gflop},
+        "imgsz": imgsz, "batch": batch, "warmup": warmup, "iters": iters, "device": device,
+        "machine": _machine(device),
+        "backends": results,
+    }
+
+
+def _machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(),
+                            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        import os
+
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The benchmark result as a Markdown table (one row per backend)."""
+    m = result["model"]
+    head = (f"{m['backbone']} (D={m['embed_dim']}, {m['gflop_per_image']:.2f} GFLOP/image), "
+            f"{result['imgsz']}x{result['imgsz']}, batch {result['batch']}, device "
+            f"{result['device']}, {result['iters']} iters after {result['warmup']} warm-up")
+    rows = ["| backend | median ms | p90 ms | images/s | network ms | network images/s | "
+            "TFLOP/s | preprocess ms | postprocess ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind, r in result["backends"].items():
+        if "skipped" in r:
+            rows.append(f"| {kind} | skipped: {r['skipped'].splitlines()[0]} |||||||| ")
+            continue
+        s = r["stages_ms"]
+        rows.append(f"| {kind} | {r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | "
+                    f"{r['images_per_s']:.1f} | {s['network']:.2f} | "
+                    f"{r['network_images_per_s']:.1f} | {r['tflops']:.4f} | "
+                    f"{s['preprocess']:.2f} | {s['postprocess']:.2f} |")
+    return head + "\n\n" + "\n".join(rows)
