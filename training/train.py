@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -63,16 +64,40 @@ def _ce(logits: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Te
     return F.cross_entropy(logits, target, ignore_index=-100)
 
 
+class TrainModule(torch.nn.Module):
+    """Network + classifier f0 in one module (what DistributedDataParallel wraps).
+
+    forward(x) -> (raw embeddings [B, D, h, w], f0 logits [B, C, h, w]); f0 sees detached unit
+    embeddings for SPML (pitfall 14) and the live ones for the cross-entropy baselines.
+    """
+
+    def __init__(self, net: torch.nn.Module, f0: torch.nn.Module, detach: bool):
+        super().__init__()
+        self.net, self.f0, self.detach = net, f0, detach
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.net(x)
+        phi = F.normalize(e, dim=1, eps=1e-12)
+        return e, self.f0(phi.detach() if self.detach else phi)
+
+
 class Trainer:
     """Holds model, classifier, optimizer and memory; ``step`` runs one iteration."""
 
-    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device):
+    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device,
+                 distributed: bool = False):
         from spml_deploy.model import build_model, param_groups
 
         self.cfg, self.C, self.device = cfg, num_classes, device
         self.net, self.f0 = build_model(cfg.model, pretrained=cfg.train.pretrained or None)
-        self.net.to(device)
-        self.f0.to(device)
+        self.module = TrainModule(self.net, self.f0, detach=not cfg.train.baseline).to(device)
+        self.ddp = self.module
+        if distributed:
+            if device.type == "cuda":   # synchronised batch norm across devices (spec section 2)
+                self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+                self.net, self.f0 = self.module.net, self.module.f0
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None)
         groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay)
         self.opt = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
         self.memory = None
@@ -92,11 +117,10 @@ class Trainer:
         x = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         set_lr(self.opt, lr_at(step, cfg))
-        e = self.net(x)                                            # [B, D, h, w] raw
-        phi = F.normalize(e, dim=1, eps=1e-12)
+        e, logits = self.ddp(x)                                    # [B, D, h, w] raw, f0 logits
         out: dict[str, torch.Tensor] = {}
         if cfg.train.baseline:
-            ce = _ce(self.f0(phi), label, C)                       # end to end: gradient into net
+            ce = _ce(logits, label, C)                             # end to end: gradient into net
             loss = ce
             out["CE"] = ce
         else:
@@ -109,7 +133,7 @@ class Trainer:
                               cfg.segmentation, cfg.compat, self.memory, C)
             loss = res["loss"]
             out.update({k: res[k] for k in ("L_I", "L_A", "L_C", "L_O") if k in res})
-            ce = _ce(self.f0(phi.detach()), label, C)
+            ce = _ce(logits, label, C)                             # f0 on detached embeddings
             out["CE_f0"] = ce
             loss = loss + (cfg.loss.lambda_a if cfg.compat.joint_classifier else 1.0) * ce
         out["loss"] = loss
@@ -189,6 +213,9 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     """Train SPML embeddings (or a baseline) on ``dataset_root``; write the run folder ``out``."""
     from spml_deploy.data import load_dataset
 
+    from spml_deploy.training import distributed as dist_utils
+
+    info = dist_utils.from_environment()
     dataset = load_dataset(dataset_root, check_files=True)
     C = dataset.num_classes
     out = Path(out)
@@ -196,6 +223,10 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available",
                           fix="use --device cpu")
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    dist_utils.init(info, dev)
 
     if resume:
         if not (out / CONFIG).is_file():
@@ -207,8 +238,12 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
             raise ConfigError("the run folder already holds a run", path=out,
                               fix="pass --resume to continue it, or choose another --out")
         cfg = resolve_config(C, supervision, preset_name, config_file, overrides or {})
+    if cfg.train.batch % info.world:
+        raise ConfigError(f"batch {cfg.train.batch} is not divisible by the {info.world} processes",
+                          fix=f"use --batch {cfg.train.batch // info.world * info.world or info.world}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG, json.dumps(to_dict(cfg), indent=2) + "\n")
+    if info.is_main:
+        atomic_write_text(out / CONFIG, json.dumps(to_dict(cfg), indent=2) + "\n")
     sup = cfg.train.supervision
     label_kind = "full" if cfg.train.baseline == "ce" else sup
     if label_kind == "full" and dataset.annotation_kinds().get("masks", 0) == 0:
@@ -219,12 +254,17 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     torch.manual_seed(cfg.train.seed)
     records = dataset.split(cfg.train.train_split)
     cams = None
-    if label_kind in ("tags", "boxes"):
-        cams = _cams(dataset, records, cfg, out, dev, progress)
     from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
 
-    items = prepare(dataset, records, label_kind, cfg, out / "cache", device, cams, progress)
-    trainer = Trainer(cfg, C, dev)
+    if info.is_main:     # the other processes wait, then read the cached label maps and regions
+        if label_kind in ("tags", "boxes"):
+            cams = _cams(dataset, records, cfg, out, dev, progress)
+        items = prepare(dataset, records, label_kind, cfg, out / "cache", device, cams, progress)
+    dist_utils.barrier()
+    if not info.is_main:
+        items = prepare(dataset, records, label_kind, cfg, out / "cache", device, None, False)
+    progress = progress and info.is_main
+    trainer = Trainer(cfg, C, dev, distributed=info.enabled)
     start = 0
     if resume and (out / CHECKPOINT).is_file():
         start = trainer.load_state(load_weights(out / CHECKPOINT))
@@ -232,9 +272,10 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     if start >= cfg.train.iters:
         log.info("run already complete (%d steps)", start)
     tset = TrainSet(items, cfg, C, cfg.train.seed)
-    sampler = StepSampler(len(items), cfg.train.batch, start, cfg.train.iters, cfg.train.seed)
+    sampler = StepSampler(len(items), cfg.train.batch, start, cfg.train.iters, cfg.train.seed,
+                          rank=info.rank, world=info.world)
     loader = torch.utils.data.DataLoader(
-        tset, batch_size=cfg.train.batch, sampler=sampler, num_workers=cfg.train.workers,
+        tset, batch_size=cfg.train.batch // info.world, sampler=sampler, num_workers=cfg.train.workers,
         pin_memory=dev.type == "cuda", drop_last=False,
         persistent_workers=cfg.train.workers > 0)
     trainer.train_mode()
@@ -245,11 +286,13 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     val_every = cfg.train.val_every
     has_val = cfg.train.val_split in dataset.splits
     last_val = None
-    with open(out / LOG, "a") as logf:
+    with open(out / LOG, "a") if info.is_main else open(os.devnull, "w") as logf:
         for batch in loader:
             terms = trainer.step(batch, step)
             step += 1
             bar.update(1)
+            if not info.is_main:
+                continue
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
             if step % cfg.train.log_every == 0 or step == cfg.train.iters:
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
@@ -266,6 +309,9 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
                 atomic_torch_save(trainer.state(step), out / CHECKPOINT)
     bar.close()
+    dist_utils.barrier()
+    if not info.is_main:     # rank 0 writes the run folder and runs the pseudo-label stages
+        return {"run": str(out), "steps": step, "val": None, "rank": info.rank}
     if step > start:
         atomic_torch_save(trainer.state(step), out / CHECKPOINT)
     weights = {"net": trainer.net.state_dict(), "f0": trainer.f0.state_dict()}

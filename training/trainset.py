@@ -152,15 +152,19 @@ class StepSampler(torch.utils.data.Sampler):
     """Yields (item, draw) keys for steps ``start..total``: batch of step t is a deterministic
     function of (seed, t), so a resumed run sees exactly the batches it would have seen."""
 
-    def __init__(self, n_items: int, batch: int, start: int, total: int, seed: int):
+    def __init__(self, n_items: int, batch: int, start: int, total: int, seed: int,
+                 rank: int = 0, world: int = 1):
         self.n, self.batch, self.start, self.total, self.seed = n_items, batch, start, total, seed
+        self.rank, self.world = rank, world
+        self.per_rank = batch // world
 
     def __iter__(self):
+        lo = self.rank * self.per_rank
         for step in range(self.start, self.total):
             rng = np.random.default_rng([self.seed, 7919, step])
             idx = rng.choice(self.n, size=self.batch, replace=self.n < self.batch)
-            for j, i in enumerate(idx):
-                yield (int(i), step * self.batch + j)
+            for j in range(lo, lo + self.per_rank):     # this process's share of the step
+                yield (int(idx[j]), step * self.batch + j)
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start) * self.batch
+        return max(0, self.total - self.start) * self.per_rank
