@@ -1,0 +1,606 @@
+"""kNN label retrieval over segment prototypes (spec 7.3) and a prototype index.
+
+* :func:`knn_labels`, :func:`topk_vote`, :func:`soft_vote`: exact retrieval (torch matmul +
+  top-k) and the majority / fractional vote of the retrieved labels (ties -> smallest class id).
+* :class:`PrototypeIndex`: FAISS index of unit prototypes (inner product = cosine) with int64
+  ids: ``flat`` (exact), ``ivf``, ``ivfpq``, ``hnsw``; CPU, or GPU when faiss-gpu is installed
+  and asked for. FAISS is optional (``pip install 'spml-deploy[index]'``).
+* :class:`ExactIndex`: brute force in torch with the same interface: the oracle of the tests
+  and the fallback when FAISS is absent (:func:`make_index`).
+* :class:`KnnClassifier`: ``topk_vote`` semantics on the results of any of the two indexes.
+
+Search results follow FAISS conventions: numpy ``scores`` [queries, k'] (float32, decreasing)
+and ``ids`` [queries, k'] (int64), with ``k' = min(k, ntotal)`` (pitfall 17); an approximate
+index may find fewer than ``k'`` results for a query: those slots hold id -1 and score -inf.
+Saved indexes are single ``.npz`` files (written atomically): :func:`load_index` reads either kind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from spml_deploy.errors import ManifestError, SpmlError, require
+
+log = logging.getLogger(__name__)
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 24  # similarity entries per chunk of brute-force search
+_GPU_MAX_K = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# exact retrieval and voting
+
+
+def _tensor(x: ArrayLike, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t if dtype is None else t.to(dtype)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{what}: labels must lie in 0..{num_classes - 1}, found "
+            f"{int(labels.min())}..{int(labels.max())} (drop VOID prototypes before retrieval)"
+        )
+
+
+def knn_labels(
+    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and cosines of the ``k`` most similar memory rows, by decreasing similarity.
+
+    Args:
+        query: unit query embeddings [queries, dim].
+        memory: unit memory prototypes [memory, dim].
+        memory_labels: class of every memory row [memory] (int).
+        k: neighbours; clipped to the memory size (pitfall 17).
+
+    Returns:
+        (labels [queries, k'] int64, similarities [queries, k']), ``k' = min(k, memory)``.
+    """
+    q = _tensor(query)
+    m = _tensor(memory).to(device=q.device, dtype=q.dtype)
+    lab = _tensor(memory_labels).to(device=q.device, dtype=torch.int64)
+    if q.dim() != 2 or m.dim() != 2 or q.shape[1] != m.shape[1]:
+        raise ValueError(f"query [Q, D] and memory [M, D] expected, got {tuple(q.shape)} and {tuple(m.shape)}")
+    if lab.shape != (m.shape[0],):
+        raise ValueError(f"memory_labels: expected [{m.shape[0]}], got {tuple(lab.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if m.shape[0] == 0:
+        raise SpmlError("kNN retrieval over an empty prototype memory",
+                        fix="build the memory from at least one labelled image")
+    kk = min(k, m.shape[0])
+    step = max(1, _CHUNK_ELEMENTS // m.shape[0])
+    sims, idx = [], []
+    for s in range(0, q.shape[0], step):
+        v, i = torch.topk(q[s:s + step] @ m.T, kk, dim=1)
+        sims.append(v)
+        idx.append(i)
+    sim = torch.cat(sims) if sims else q.new_zeros(0, kk)
+    ind = torch.cat(idx) if idx else torch.zeros(0, kk, dtype=torch.int64, device=q.device)
+    return lab[ind], sim
+
+
+def vote_counts(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Votes per class [queries, classes] (float) of labels [queries, k]; entries < 0 are
+    missing neighbours and do not vote."""
+    valid = neighbor_labels >= 0
+    counts = torch.zeros(neighbor_labels.shape[0], num_classes, dtype=torch.float64,
+                         device=neighbor_labels.device)
+    return counts.scatter_add_(1, neighbor_labels.clamp_min(0), valid.to(torch.float64))
+
+
+def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
+    if num_classes is None:
+        return int(labels.max()) + 1 if labels.numel() else 1
+    return int(num_classes)
+
+
+def topk_vote(
+    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Majority label of the ``k`` nearest memory prototypes (spec 7.3), ties -> smallest id.
+
+    Shapes as in :func:`knn_labels`; ``num_classes`` defaults to ``max(memory_labels) + 1``.
+    Returns labels [queries] int64.
+    """
+    lab = _tensor(memory_labels).to(torch.int64)
+    c = _num_classes(lab, num_classes)
+    _check_labels(lab, c, "memory_labels")
+    nbr, _ = knn_labels(query, memory, lab, k)
+    return vote_counts(nbr, c).argmax(dim=1)  # argmax returns the first (smallest) maximum
+
+
+def soft_vote(
+    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Fraction of the ``k`` nearest prototypes in each class: [queries, classes] (rows sum to
+    1), in the dtype of ``query`` when floating (float32 otherwise)."""
+    lab = _tensor(memory_labels).to(torch.int64)
+    c = _num_classes(lab, num_classes)
+    _check_labels(lab, c, "memory_labels")
+    nbr, sim = knn_labels(query, memory, lab, k)
+    counts = vote_counts(nbr, c)
+    frac = counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return frac.to(sim.dtype if sim.is_floating_point() else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# indexes
+
+
+def _vectors(x: ArrayLike, dim: int, what: str, dtype: Any = np.float32) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise ValueError(f"{what}: expected [n, {dim}], got shape {a.shape}")
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what}: contains NaN or infinite values")
+    return a
+
+
+def _check_unit(a: np.ndarray, what: str) -> None:
+    norms = np.linalg.norm(a, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+    if bad.size:
+        raise ValueError(f"{what}: row {int(bad[0])} has norm {norms[bad[0]]:.4g}; prototypes must be "
+                         "unit vectors (normalise them; drop empty segments)")
+
+
+def _ids(ids: ArrayLike | None, n: int, start: int) -> np.ndarray:
+    if ids is None:
+        return np.arange(start, start + n, dtype=np.int64)
+    a = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    a = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+    if a.shape[0] != n:
+        raise ValueError(f"ids: expected {n} ids (one per vector), got {a.shape[0]}")
+    if a.size and a.min() < 0:
+        raise ValueError("ids: must be >= 0 (-1 marks a missing result)")
+    return a
+
+
+def _save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except FileNotFoundError:
+        raise ManifestError("prototype index file not found", path=path,
+                            fix="build the index first (spml-deploy index build)") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ManifestError(f"not a readable prototype index ({exc})", path=path,
+                            fix="rebuild the index; the file is corrupt or from another tool") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"prototype index format {meta.get('format_version')} is not supported "
+                            f"(this version reads {FORMAT_VERSION})", path=path, fix="rebuild the index")
+    return meta, arrays
+
+
+class ExactIndex:
+    """Brute-force inner-product index in torch (the oracle, and the fallback without FAISS).
+
+    Args:
+        dim: vector dimension.
+        dtype: storage / compute dtype (float32 like FAISS, or float64).
+        device: torch device of the stored vectors.
+    """
+
+    kind = "exact"
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.dim = int(dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._vectors = torch.zeros(0, self.dim, dtype=dtype, device=self.device)
+        self._ids = np.zeros(0, dtype=np.int64)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._ids.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids in insertion order [ntotal]."""
+        return self._ids.copy()
+
+    @property
+    def is_trained(self) -> bool:
+        return True  # nothing to train: same interface as PrototypeIndex
+
+    def train(self, vectors: ArrayLike) -> None:
+        """No-op (brute force needs no training); checks the vectors like :meth:`add`."""
+        _check_unit(_vectors(vectors, self.dim, "vectors"), "vectors")
+
+    def add(self, vectors: ArrayLike, ids: ArrayLike | None = None) -> None:
+        """Append unit vectors [n, dim] with int64 ids [n] (default: ntotal .. ntotal + n - 1)."""
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        v = _vectors(vectors, self.dim, "vectors", np_dtype)
+        _check_unit(v, "vectors")
+        self._ids = np.concatenate([self._ids, _ids(ids, v.shape[0], self.ntotal)])
+        self._vectors = torch.cat([self._vectors, torch.from_numpy(v).to(self.device)])
+
+    def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` inner products: (scores [Q, k'], ids [Q, k']), ``k' = min(k, ntotal)``."""
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        q = _vectors(queries, self.dim, "queries", np_dtype)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        kk = min(k, self.ntotal)
+        if kk == 0:
+            return np.zeros((q.shape[0], 0), np_dtype), np.zeros((q.shape[0], 0), np.int64)
+        qt = torch.from_numpy(q).to(self.device)
+        step = max(1, _CHUNK_ELEMENTS // self.ntotal)
+        scores, rows = [], []
+        for s in range(0, qt.shape[0], step):
+            v, i = torch.topk(qt[s:s + step] @ self._vectors.T, kk, dim=1)
+            scores.append(v.cpu().numpy())
+            rows.append(i.cpu().numpy())
+        if not scores:
+            return np.zeros((0, kk), np_dtype), np.zeros((0, kk), np.int64)
+        return np.concatenate(scores), self._ids[np.concatenate(rows)]
+
+    def save(self, path: str | Path) -> None:
+        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
+                "dtype": str(self.dtype).replace("torch.", "")}
+        _save_npz(path, {"vectors": self._vectors.cpu().numpy(), "ids": self._ids}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ExactIndex":
+        meta, arrays = _read_npz(path)
+        if meta.get("kind") != cls.kind:
+            raise ManifestError(f"expected an exact index, found kind {meta.get('kind')!r}", path=path,
+                                fix="use spml_deploy.index.load_index")
+        out = cls(meta["dim"], getattr(torch, meta["dtype"]), device)
+        out._vectors = torch.from_numpy(arrays["vectors"]).to(out.device)
+        out._ids = arrays["ids"].astype(np.int64)
+        return out
+
+
+def _faiss() -> Any:
+    return require("faiss", "index", "the FAISS prototype index")
+
+
+def gpu_available() -> bool:
+    """True when the installed FAISS has GPU support and sees at least one GPU."""
+    try:
+        faiss = _faiss()
+    except SpmlError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class PrototypeIndex:
+    """FAISS inner-product index of unit prototypes with int64 ids.
+
+    The FAISS structure is created on the first :meth:`add` (or :meth:`train`), so that its
+    parameters can follow the data size (``n`` = vectors of that first call):
+
+    * ``ivf``: ``nlist = min(4 sqrt(n), n / 39)`` inverted lists (at least 1), trained by k-means
+      on the first batch; ``nprobe = max(16, nlist / 32)`` lists visited per query.
+    * ``ivfpq``: as ``ivf``, codes of ``pq_m`` sub-vectors (default: the divisor of ``dim``
+      closest to ``dim / 4``, i.e. 16 bytes for dim 64) with ``pq_nbits`` bits (8, fewer when
+      ``n`` is too small to train 256 centroids); ``rerank > 0`` re-ranks ``rerank * k``
+      candidates with the exact vectors (more memory, better recall).
+    * ``hnsw``: ``hnsw_m = 32`` links, ``ef_construction = 64``, ``ef_search = max(64, k)``.
+
+    Args:
+        dim: vector dimension.
+        index_type: ``flat`` | ``ivf`` | ``ivfpq`` | ``hnsw``.
+        use_gpu: move the index to GPU ``gpu_device`` when faiss-gpu sees a GPU (``hnsw``
+            stays on the CPU: FAISS has no GPU HNSW); otherwise a warning and the CPU.
+    """
+
+    kind = "faiss"
+
+    def __init__(
+        self, dim: int, index_type: str = "flat", *, nlist: int | None = None,
+        nprobe: int | None = None, pq_m: int | None = None, pq_nbits: int = 8, rerank: int = 0,
+        hnsw_m: int = 32, ef_construction: int = 64, ef_search: int = 64,
+        use_gpu: bool = False, gpu_device: int = 0,
+    ):
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+        self._faiss = _faiss()
+        self.dim = int(dim)
+        self.index_type = index_type
+        self.params: dict[str, Any] = dict(nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_nbits=pq_nbits,
+                                           rerank=rerank, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                                           ef_search=ef_search)
+        self.gpu_device = int(gpu_device)
+        self.on_gpu = False
+        self._want_gpu = bool(use_gpu)
+        self._gpu_res: Any = None
+        self._index: Any = None
+        self._ids = np.zeros(0, dtype=np.int64)
+        if use_gpu and not gpu_available():
+            log.warning("FAISS GPU support or a GPU is missing: the prototype index runs on the CPU "
+                        "(install faiss-gpu: pip install 'spml-deploy[gpu]')")
+            self._want_gpu = False
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self._ids.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids in insertion order [ntotal]."""
+        return self._ids.copy()
+
+    @property
+    def is_trained(self) -> bool:
+        return self._index is not None and bool(self._index.is_trained)
+
+    def _pq_m(self) -> int:
+        if self.params["pq_m"]:
+            m = int(self.params["pq_m"])
+            if self.dim % m:
+                raise ValueError(f"pq_m = {m} must divide the dimension {self.dim}")
+            return m
+        divisors = [m for m in range(1, self.dim + 1) if self.dim % m == 0]
+        return min(divisors, key=lambda m: (abs(m - self.dim / 4), m))
+
+    def _create(self, n: int) -> Any:
+        faiss, d, p = self._faiss, self.dim, self.params
+        ip = faiss.METRIC_INNER_PRODUCT
+        if self.index_type == "flat":
+            return faiss.IndexFlatIP(d)
+        if self.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(d, int(p["hnsw_m"]), ip)
+            index.hnsw.efConstruction = int(p["ef_construction"])
+            index.hnsw.efSearch = int(p["ef_search"])
+            return index
+        nlist = p["nlist"] or int(4 * math.sqrt(n))
+        nlist = max(1, min(int(nlist), n // 39 if n >= 39 else 1))
+        p["nlist"] = nlist
+        p["nprobe"] = int(p["nprobe"] or max(16, nlist // 32))
+        quantizer = faiss.IndexFlatIP(d)
+        if self.index_type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
+        else:
+            nbits = int(p["pq_nbits"])
+            fit = max(1, int(math.floor(math.log2(max(2, n // 39)))))
+            if fit < nbits:
+                log.info("ivfpq: %d training vectors, using %d-bit codes instead of %d", n, fit, nbits)
+                nbits = fit
+            p["pq_nbits"] = nbits
+            m = self._pq_m()
+            p["pq_m"] = m
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, ip)
+        return index  # the Python wrapper keeps `quantizer` alive (referenced_objects)
+
+    def _to_gpu(self) -> None:
+        if not self._want_gpu or self.on_gpu or self.index_type == "hnsw" or int(self.params["rerank"]):
+            if self._want_gpu and (self.index_type == "hnsw" or int(self.params["rerank"])):
+                log.warning("FAISS has no GPU version of %s: the prototype index stays on the CPU",
+                            "HNSW" if self.index_type == "hnsw" else "re-ranking")
+            return
+        faiss = self._faiss
+        self._gpu_res = self._gpu_res or faiss.StandardGpuResources()
+        try:
+            self._index = faiss.index_cpu_to_gpu(self._gpu_res, self.gpu_device, self._index)
+        except RuntimeError as exc:  # e.g. PQ codes of fewer than 8 bits have no GPU kernel
+            log.warning("the %s index cannot run on the GPU (%s): it stays on the CPU",
+                        self.index_type, str(exc).strip().splitlines()[-1])
+            return
+        self.on_gpu = True
+
+    def train(self, vectors: ArrayLike) -> None:
+        """Create the structure and train it (ivf / ivfpq k-means) on unit vectors [n, dim]."""
+        if self._index is not None:
+            raise ValueError("the index is already built; train() must come before the first add()")
+        v = _vectors(vectors, self.dim, "vectors")
+        _check_unit(v, "vectors")
+        index = self._create(v.shape[0])
+        if not index.is_trained:
+            index.train(v)
+        if self.index_type == "ivfpq" and int(self.params["rerank"]) > 0:
+            refine = self._faiss.IndexRefineFlat(index)
+            refine.k_factor = float(self.params["rerank"])
+            index = refine
+        self._index = index
+        self._apply_search_params()
+        self._to_gpu()
+        log.info("prototype index %s built (%s)", self.index_type,
+                 ", ".join(f"{k}={v}" for k, v in self.params.items() if v))
+
+    def _apply_search_params(self) -> None:
+        if self.index_type in ("ivf", "ivfpq"):
+            ivf = self._faiss.extract_index_ivf(self._index)
+            ivf.nprobe = min(int(self.params["nprobe"]), ivf.nlist)
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the speed/recall trade-off of an approximate index."""
+        if nprobe is not None:
+            self.params["nprobe"] = int(nprobe)
+            if self._index is not None and self.index_type in ("ivf", "ivfpq"):
+                if self.on_gpu:
+                    self._index.nprobe = int(nprobe)
+                else:
+                    self._apply_search_params()
+        if ef_search is not None:
+            self.params["ef_search"] = int(ef_search)
+
+    # -- data --------------------------------------------------------------------------------
+    def add(self, vectors: ArrayLike, ids: ArrayLike | None = None) -> None:
+        """Append unit vectors [n, dim] with int64 ids [n] (default: ntotal .. ntotal + n - 1).
+        The first call builds (and trains) the structure on these vectors."""
+        v = _vectors(vectors, self.dim, "vectors")
+        _check_unit(v, "vectors")
+        new_ids = _ids(ids, v.shape[0], self.ntotal)
+        if v.shape[0] == 0:
+            return
+        if self._index is None:
+            self.train(v)
+        self._index.add(v)
+        self._ids = np.concatenate([self._ids, new_ids])
+        assert self._index.ntotal == self.ntotal
+
+    def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` inner products: (scores [Q, k'] float32, ids [Q, k'] int64),
+        ``k' = min(k, ntotal)``; missing results (approximate indexes) are id -1, score -inf."""
+        q = _vectors(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        kk = min(k, self.ntotal)
+        if kk == 0 or q.shape[0] == 0:
+            return np.zeros((q.shape[0], kk), np.float32), np.zeros((q.shape[0], kk), np.int64)
+        if self.on_gpu and kk > _GPU_MAX_K:
+            raise ValueError(f"k = {kk} exceeds the FAISS GPU limit of {_GPU_MAX_K}")
+        if self.index_type == "hnsw":  # per-call parameters: safe for concurrent searches
+            hp = self._faiss.SearchParametersHNSW()
+            hp.efSearch = max(int(self.params["ef_search"]), kk)
+            scores, rows = self._index.search(q, kk, params=hp)
+        else:
+            scores, rows = self._index.search(q, kk)
+        missing = rows < 0
+        ids = np.where(missing, -1, self._ids[np.where(missing, 0, rows)])
+        scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        return scores, ids
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the index, its ids and parameters to one ``.npz`` file (atomically)."""
+        faiss = self._faiss
+        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
+                "index_type": self.index_type, "params": self.params}
+        arrays: dict[str, np.ndarray] = {"ids": self._ids}
+        if self._index is not None:
+            cpu = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+            arrays["faiss"] = faiss.serialize_index(cpu)
+        _save_npz(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, use_gpu: bool = False, gpu_device: int = 0) -> "PrototypeIndex":
+        meta, arrays = _read_npz(path)
+        if meta.get("kind") != cls.kind:
+            raise ManifestError(f"expected a FAISS index, found kind {meta.get('kind')!r}", path=path,
+                                fix="use spml_deploy.index.load_index")
+        out = cls(meta["dim"], meta["index_type"], use_gpu=use_gpu, gpu_device=gpu_device)
+        out.params.update(meta["params"])
+        out._ids = arrays["ids"].astype(np.int64)
+        if "faiss" in arrays:
+            out._index = out._faiss.deserialize_index(arrays["faiss"])
+            if out._index.ntotal != out.ntotal:
+                raise ManifestError(f"index holds {out._index.ntotal} vectors but {out.ntotal} ids",
+                                    path=path, fix="rebuild the index")
+            out._apply_search_params()
+            out._to_gpu()
+        return out
+
+
+AnyIndex = Union[PrototypeIndex, ExactIndex]
+
+
+def make_index(dim: int, index_type: str = "flat", **kwargs: Any) -> AnyIndex:
+    """A :class:`PrototypeIndex`, or an :class:`ExactIndex` when FAISS is not installed (for any
+    ``index_type``, with a warning: exact search is slower but gives the best possible results)."""
+    try:
+        _faiss()
+    except SpmlError:
+        log.warning("FAISS is not installed: using exact brute-force search "
+                    "(pip install 'spml-deploy[index]' for a FAISS index)")
+        return ExactIndex(dim)
+    return PrototypeIndex(dim, index_type, **kwargs)
+
+
+def load_index(path: str | Path, use_gpu: bool = False) -> AnyIndex:
+    """Read an index written by :meth:`PrototypeIndex.save` or :meth:`ExactIndex.save`."""
+    meta, _ = _read_npz(path)
+    if meta.get("kind") == ExactIndex.kind:
+        return ExactIndex.load(path)
+    if meta.get("kind") == PrototypeIndex.kind:
+        return PrototypeIndex.load(path, use_gpu=use_gpu)
+    raise ManifestError(f"unknown index kind {meta.get('kind')!r}", path=path, fix="rebuild the index")
+
+
+# --------------------------------------------------------------------------------------------
+# classifier
+
+
+class KnnClassifier:
+    """kNN label retrieval on an index (spec 7.3 vote: majority of the ``k`` neighbours, ties ->
+    smallest class id; missing results do not vote).
+
+    Args:
+        index: a :class:`PrototypeIndex` or :class:`ExactIndex` holding unit prototypes.
+        labels: class of each prototype [n] (int, ``0..num_classes-1``).
+        k: neighbours per query (clipped to ``index.ntotal``).
+        num_classes: number of classes (default ``max(labels) + 1``).
+        ids: the id of each entry of ``labels`` [n]; default: ``labels[i]`` is the label of id i.
+    """
+
+    def __init__(self, index: AnyIndex, labels: ArrayLike, k: int = 20,
+                 num_classes: int | None = None, ids: ArrayLike | None = None):
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
+        self.index = index
+        self.k = int(k)
+        self.num_classes = _num_classes(torch.from_numpy(lab), num_classes)
+        _check_labels(torch.from_numpy(lab), self.num_classes, "labels")
+        if ids is None:
+            self._sorted_ids = None
+            self._labels = lab
+        else:
+            idv = _ids(ids, lab.shape[0], 0)
+            order = np.argsort(idv, kind="stable")
+            self._sorted_ids, self._labels = idv[order], lab[order]
+
+    def neighbor_labels(self, queries: ArrayLike) -> np.ndarray:
+        """Labels of the retrieved neighbours [Q, k'] by decreasing similarity (-1 = missing)."""
+        if self.index.ntotal == 0:
+            raise SpmlError("kNN classification with an empty prototype index",
+                            fix="add labelled prototypes to the index first")
+        _, ids = self.index.search(queries, self.k)
+        found = ids >= 0
+        if self._sorted_ids is None:
+            pos = np.where(found, ids, 0)
+            if found.any() and ids[found].max() >= self._labels.shape[0]:
+                raise ValueError("an id returned by the index has no label (ids beyond labels)")
+        else:
+            pos = np.searchsorted(self._sorted_ids, np.where(found, ids, 0))
+            pos = np.clip(pos, 0, self._sorted_ids.shape[0] - 1)
+            if (found & (self._sorted_ids[pos] != ids)).any():
+                raise ValueError("an id returned by the index has no label in `ids`")
+        return np.where(found, self._labels[pos], -1)
+
+    def votes(self, queries: ArrayLike) -> torch.Tensor:
+        """Neighbour counts per class [Q, classes] (float64)."""
+        return vote_counts(torch.from_numpy(self.neighbor_labels(queries)), self.num_classes)
+
+    def predict(self, queries: ArrayLike) -> torch.Tensor:
+        """Majority label [Q] int64 (ties -> smallest class id)."""
+        return self.votes(queries).argmax(dim=1)
+
+    def predict_proba(self, queries: ArrayLike) -> torch.Tensor:
+        """Fraction of the found neighbours in each class [Q, classes] (float32)."""
+        counts = self.votes(queries)
+        return (counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)).float()
