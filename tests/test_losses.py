@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from conftest import GOLDEN_DIR, load_golden
+from spml_deploy.errors import ConfigError
+from spml_deploy.training import losses as losses_module
 from spml_deploy.training.affinity import propagate_labels
-from spml_deploy.training.losses import contrastive_nll, segsort_plus_loss, set_segsort_loss
+from spml_deploy.training.losses import (_unique_rows, contrastive_nll, grouped_contrastive_nll,
+                                         segsort_plus_loss, set_segsort_loss)
 
 SEGSORT_CASES = ["segsort_plus_allpos_k6", "segsort_plus_mixed_k8", "segsort_plus_mixed_k12",
                  "segsort_plus_ownonly_k16", "segsort_plus_memory_k6", "segsort_plus_large_k6",
@@ -344,3 +347,212 @@ def test_propagation_matches_reference(same_image, top_k):
     fast = propagate_labels(q, qb, p, pl, pb, 5, top_k=top_k, threshold=0.8, same_image=same_image)
     torch.testing.assert_close(fast, ref)
     assert bool((fast.sum(1) == 5).any()) and bool((fast.sum(1) < 5).any())
+
+
+# ----------------------------------------------------------------------------------------------
+# fused path (closed-form gradient, group sums) against the generic autograd implementation
+
+
+def _values_and_grads(fn, emb: torch.Tensor, protos: torch.Tensor, reduction: str):
+    """Loss (per pixel or reduced) and d(sum of it)/d(emb, protos), on fresh leaves."""
+    e = emb.detach().clone().requires_grad_(True)
+    p = protos.detach().clone().requires_grad_(True)
+    out = fn(e, p, reduction)
+    # a non-uniform output gradient for per-pixel losses exercises the backward's scaling
+    weight = torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    g_e, g_p = torch.autograd.grad((out * weight).sum(), (e, p))
+    return out.detach(), g_e, g_p
+
+
+def _assert_same(fused, generic, rtol=1e-10, atol=1e-12):
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _random_set_mixed(seed: int, n: int = 40, zero_segment: bool = True):
+    """Set form with: all-zero tag rows (pixels; segments if ``zero_segment``: empty positive
+    set, double count), an all-ones pixel row (positive to every tagged segment: without
+    ``zero_segment`` it has no negative), memory rows owned by no pixel, and a pixel whose own
+    segment is a negative."""
+    gen = torch.Generator().manual_seed(seed)
+    d, p_cur, p_mem, t = 6, 14, 10, 5
+    protos = _unit(torch.randn(p_cur + p_mem, d, generator=gen, dtype=torch.float64))
+    proto_tags = (torch.rand(p_cur + p_mem, t, generator=gen) < 0.35).long()
+    if not zero_segment:
+        proto_tags[proto_tags.sum(1) == 0, 0] = 1
+    proto_tags[0] = 0
+    if not zero_segment:
+        proto_tags[0, 1] = 1
+    proto_tags[1] = 1
+    own = torch.randint(0, p_cur, (n,), generator=gen)
+    own[:4] = torch.tensor([0, 1, 2, 3])
+    tags = proto_tags[own].clone()
+    tags[5] = 0                               # own segment tagged, pixel not: own is a negative
+    tags[6] = 1                               # positive to every tagged segment
+    emb = _unit(torch.randn(n, d, generator=gen, dtype=torch.float64) + protos[own])
+    return emb, tags, own, protos, proto_tags
+
+
+@pytest.mark.parametrize("seed,zero_segment", [(0, True), (1, False), (2, True)])
+@pytest.mark.parametrize("empty", ["skip", "double_count"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_fused_set_matches_generic(seed, zero_segment, empty, reduction):
+    emb, tags, own, protos, proto_tags = _random_set_mixed(seed, zero_segment=zero_segment)
+    results = {}
+    for impl, chunk in (("generic", None), ("fused", None), ("fused", 7)):
+        def fn(e, p, red, impl=impl, chunk=chunk):
+            return set_segsort_loss(e, tags, own, p, proto_tags, 12.0, empty=empty, reduction=red,
+                                    impl=impl, chunk_size=chunk)
+        results[impl, chunk] = _values_and_grads(fn, emb, protos, reduction)
+    _assert_same(results["fused", None], results["generic", None])
+    _assert_same(results["fused", 7], results["generic", None])
+    loss = results["fused", None][0]
+    if reduction == "none" and not zero_segment:
+        assert float(loss[6]) == 0.0 and bool((loss > 0).any())    # a row without negatives
+    if reduction == "none" and empty == "double_count":
+        assert float(loss[5]) > 0 and bool((tags.sum(1) == 0).any())
+    assert float(results["fused", None][2][14:].abs().sum()) > 0     # memory rows get gradient
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fused_single_label_matches_generic(seed, reduction):
+    emb, labels, own, protos, proto_labels = _random_single(seed)
+    labels = labels.clone()
+    labels[3] = 7            # a label no segment has: no positive, own segment is a negative
+    labels[4] = 9            # label of segment 0 only, own segment elsewhere: own is a negative
+    out = {}
+    for impl in ("generic", "fused"):
+        def fn(e, p, red, impl=impl):
+            return segsort_plus_loss(e, labels, own, p, proto_labels, 16.0, reduction=red,
+                                     impl=impl, chunk_size=5 if impl == "fused" else None)
+        out[impl] = _values_and_grads(fn, emb, protos, reduction)
+    _assert_same(out["fused"], out["generic"])
+
+
+def test_fused_float32_close_to_float64_generic():
+    emb, tags, own, protos, proto_tags = _random_set_mixed(4)
+    ref = _values_and_grads(lambda e, p, r: set_segsort_loss(e, tags, own, p, proto_tags, 16.0,
+                                                              reduction=r, impl="generic"),
+                            emb, protos, "mean")
+    f32 = _values_and_grads(lambda e, p, r: set_segsort_loss(e, tags, own, p, proto_tags, 16.0,
+                                                             reduction=r),
+                            emb.float(), protos.float(), "mean")
+    for a, b in zip(f32, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def _grouped_problem(seed: int, b: int = 3, n: int = 17, p: int = 9, g: int = 4):
+    """B independent pools with excluded groups (neither positive nor negative, like padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    feat = _unit(torch.randn(b * n, 5, generator=gen, dtype=torch.float64)).view(b, n, 5)
+    protos = _unit(torch.randn(b * p, 5, generator=gen, dtype=torch.float64)).view(b, p, 5)
+    group = torch.randint(0, g, (b, p), generator=gen)
+    group[:, 0] = 0
+    pos = torch.rand(b, n, g, generator=gen) < 0.4
+    pos[:, :, 0] = True                             # the own segments (group 0) are positives
+    excluded = torch.zeros(b, 1, g, dtype=torch.bool)
+    excluded[:, :, g - 1] = True                    # group g-1: padding
+    group[:, -2:] = g - 1
+    pos &= ~excluded
+    neg = ~pos & ~excluded
+    neg[0, :3] = False                              # rows without negatives
+    own = torch.zeros(b, n, dtype=torch.long)
+    own[:, ::2] = torch.randint(0, p - 2, (b, (n + 1) // 2), generator=gen)
+    own_group = group.gather(1, own).unsqueeze(2)
+    valid_own = (pos | neg).gather(2, own_group).squeeze(2)      # own segment never excluded
+    own = torch.where(valid_own, own, 0)
+    assert bool(neg.gather(2, group.gather(1, own).unsqueeze(2)).any())   # some own negatives
+    return feat, protos, group, pos, neg, own
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("group_matmul", [False, True])
+def test_grouped_primitive_matches_expanded_masks(seed, weighted, group_matmul, monkeypatch):
+    """grouped_contrastive_nll == contrastive_nll on the expanded masks (B > 1, excluded
+    groups, rows without negatives), values and gradients, both group-sum strategies
+    (``index_add_``, used on the CPU, and the one-hot matmul used on other devices)."""
+    monkeypatch.setattr(losses_module, "group_sums_by_matmul", lambda device, g: group_matmul)
+    feat, protos, group, pos, neg, own = _grouped_problem(seed)
+    b, n, _ = feat.shape
+    p = protos.shape[1]
+    w = torch.rand(b, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    idx = group.unsqueeze(1).expand(b, n, p)
+    pos_x, valid_x = pos.gather(2, idx), (pos | neg).gather(2, idx)
+
+    def generic(f, m):
+        logits = 10.0 * torch.bmm(f, m.transpose(1, 2))
+        out = contrastive_nll(logits.reshape(b * n, p), pos_x.reshape(b * n, p), own.reshape(-1),
+                              valid_x.reshape(b * n, p)).view(b, n)
+        return (out * w).sum() if weighted else out
+
+    def fused(f, m):
+        return grouped_contrastive_nll(f, m, group, pos, own, 10.0, neg,
+                                       weights=w if weighted else None, chunk_size=4)
+
+    ref = _values_and_grads(lambda f, m, _: generic(f, m), feat, protos, "none")
+    out = _values_and_grads(lambda f, m, _: fused(f, m), feat, protos, "none")
+    _assert_same(out, ref)
+    if not weighted:
+        assert torch.all(out[0][0, :3] == 0)
+
+
+def test_fused_edge_cases():
+    gen = torch.Generator().manual_seed(8)
+    protos = _unit(torch.randn(4, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    emb = _unit(torch.randn(6, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    own = torch.tensor([0, 1, 2, 3, 0, 1])
+    ones = torch.ones(6, 2, dtype=torch.long)
+    # no negatives anywhere: exactly 0, zero gradients (the fused path computes nothing)
+    loss = set_segsort_loss(emb, ones, own, protos, torch.ones(4, 2, dtype=torch.long), 12.0)
+    assert float(loss.detach()) == 0.0
+    g = torch.autograd.grad(loss, (emb, protos))
+    assert all(float(t.abs().max()) == 0.0 for t in g)
+    # no pixels: a differentiable 0 in every reduction
+    for red in ("mean", "sum"):
+        z = segsort_plus_loss(emb[:0], own[:0], own[:0], protos, own[:4], 6.0, reduction=red)
+        assert float(z.detach()) == 0.0 and z.requires_grad
+    assert segsort_plus_loss(emb[:0], own[:0], own[:0], protos, own[:4], 6.0,
+                             reduction="none").shape == (0,)
+    # without autograd: values only
+    with torch.no_grad():
+        a = segsort_plus_loss(emb, own % 2, own, protos, torch.arange(4) % 2, 6.0)
+    b = segsort_plus_loss(emb, own % 2, own, protos, torch.arange(4) % 2, 6.0, impl="generic")
+    torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=0)
+    # gradient for one input only (the other detached): each path of the eager gradient
+    for leaf in (0, 1):
+        args = [emb.detach().clone(), protos.detach().clone()]
+        args[leaf].requires_grad_(True)
+        grads = [torch.autograd.grad(segsort_plus_loss(args[0], own % 2, own, args[1],
+                                                       torch.arange(4) % 2, 6.0, impl=impl),
+                                     args[leaf])[0] for impl in ("fused", "generic")]
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-13)
+        assert float(grads[0].abs().sum()) > 0
+    with pytest.raises(ConfigError, match="implementation"):
+        segsort_plus_loss(emb, own % 2, own, protos, torch.arange(4) % 2, 6.0, impl="fast")
+    with pytest.raises(ConfigError, match="reduction"):
+        segsort_plus_loss(emb, own % 2, own, protos, torch.arange(4) % 2, 6.0, reduction="max")
+
+
+def test_unique_rows_packs_and_falls_back():
+    gen = torch.Generator().manual_seed(3)
+    for t in (5, 70):
+        rows = torch.rand(60, t, generator=gen) < 0.1
+        rows[10:20] = rows[0]
+        uniq, inv = _unique_rows(rows)
+        assert torch.equal(uniq[inv], rows)
+        assert uniq.shape[0] == torch.unique(rows, dim=0).shape[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fused_on_cuda_matches_cpu():
+    emb, tags, own, protos, proto_tags = _random_set_mixed(5, n=300)
+
+    def fn(e, p, r):
+        return set_segsort_loss(e, tags.to(e.device), own.to(e.device), p,
+                                proto_tags.to(e.device), 12.0, reduction=r, chunk_size=64)
+    cpu = _values_and_grads(fn, emb, protos, "mean")
+    gpu = _values_and_grads(fn, emb.cuda(), protos.cuda(), "mean")
+    _assert_same([t.cpu() for t in gpu], cpu)

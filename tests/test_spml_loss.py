@@ -24,7 +24,7 @@ from spml_deploy.errors import TrainingError
 from spml_deploy.kmeans import kmeans_clusters
 from spml_deploy.prototypes import form_segments, resize_labels_nearest
 from spml_deploy.training.spml_loss import (AFFINITY_PHI_SCALE, AFFINITY_THRESHOLD, MemoryBank,
-                                            SegmentPool, spml_losses)
+                                            SegmentPool, image_similarity_loss, spml_losses)
 
 OFFICIAL = CompatConfig(set_empty_tag_double_count=True)
 
@@ -391,6 +391,76 @@ def test_float32_close_to_float64():
     for key in ("L_I", "L_A", "L_C"):
         assert r32[key].dtype == torch.float32
         torch.testing.assert_close(r32[key].double(), r64[key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused implementation against the generic autograd implementation
+
+
+def _image_similarity_inputs(seed: int):
+    """4 images of 30 pixels: segments per image 5, 1, 0 (no segment, no kept pixel) and 8;
+    regions with gaps in their ids, several segments per region (NCA pixels), single-segment
+    regions (fallback pixels) and non-kept pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n, f = 4, 30, 5
+    per_image = [5, 1, 0, 8]
+    seg_batch = torch.repeat_interleave(torch.arange(b), torch.tensor(per_image))
+    s = int(seg_batch.numel())
+    seg_region = torch.randint(0, 4, (s,), generator=gen) * 7 + 3
+    protos = torch.nn.functional.normalize(torch.randn(s, f, generator=gen, dtype=torch.float64),
+                                           dim=1)
+    start = torch.tensor([0, 5, 6, 6])
+    own = torch.zeros(b, n, dtype=torch.long)
+    kept = torch.rand(b, n, generator=gen) < 0.8
+    kept[2] = False
+    for i, k in enumerate(per_image):
+        if k:
+            own[i] = start[i] + torch.randint(0, k, (n,), generator=gen)
+    pix_region = torch.where(kept, seg_region[own.clamp(max=s - 1)], torch.full_like(own, 99))
+    feat = torch.nn.functional.normalize(torch.randn(b, n, f, generator=gen, dtype=torch.float64)
+                                         + 2 * protos[own.clamp(max=s - 1)], dim=2)
+    return feat, kept, own, pix_region, protos, seg_batch, seg_region
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_image_similarity_fused_matches_generic(seed):
+    feat, kept, own, pix_region, protos, seg_batch, seg_region = _image_similarity_inputs(seed)
+    results = []
+    for impl, chunk in (("generic", None), ("fused", None), ("fused", 4)):
+        f = feat.clone().requires_grad_(True)
+        m = protos.clone().requires_grad_(True)
+        loss = image_similarity_loss(f, kept, own, pix_region, m, seg_batch, seg_region, 16.0,
+                                     chunk_size=chunk, impl=impl)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (f, m))))
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert float(results[1][1][2].abs().max()) == 0.0          # image without segments
+    assert float(results[1][1][~kept].abs().max()) == 0.0      # non-kept pixels
+
+
+@pytest.mark.parametrize("compat", [CompatConfig(), OFFICIAL], ids=["paper", "official"])
+def test_step_fused_matches_generic(compat):
+    """The whole step (I, A, C, O with memory) in float64: same losses and gradients."""
+    cfg = LossConfig(kappa_i=16, kappa_a=6, kappa_c=12, kappa_o=12, lambda_i=0.1, lambda_a=1.0,
+                     lambda_c=0.5, lambda_o=0.5)
+    memory = MemoryBank(2)
+    for seed in (21, 22):
+        spml_losses(*_random_batch(seed), cfg, SEG, compat, memory, C_SMALL)
+    e, labels, regions, tags = _random_batch(3, rare=True)
+    outs = {}
+    for impl in ("generic", "fused"):
+        x = e.clone().requires_grad_(True)
+        r = spml_losses(x, labels, regions, tags, cfg, SEG, compat, memory, C_SMALL,
+                        update_memory=False, loss_impl=impl)
+        outs[impl] = (r, torch.autograd.grad(r["loss"], x)[0])
+    (fused, g_fused), (generic, g_generic) = outs["fused"], outs["generic"]
+    assert fused["num_memory"] > 0
+    for key in ("L_I", "L_A", "L_C", "L_O", "loss"):
+        torch.testing.assert_close(fused[key].detach(), generic[key].detach(), rtol=1e-11,
+                                   atol=1e-13)
+    assert float(fused["L_O"].detach()) > 0
+    torch.testing.assert_close(g_fused, g_generic, rtol=1e-10, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,10 +20,25 @@ default.
 ``other = sum_{P_i} E - E_own`` in linear space with an ``other > 0`` test. It is ill-conditioned
 when the own segment dominates (kappa 16 in float32); use it only to reproduce official numbers.
 
-Pixels are processed in chunks so that a ``[#pixels x #segments]`` matrix never exists for all
-pixels at once (masks are built per chunk from labels/tags); with gradients enabled and more than
-one chunk, each chunk is checkpointed (recomputed during backward), so the saved activations are
-bounded by one chunk as well.
+Two implementations give the same values (up to float rounding):
+
+* ``impl="fused"`` (default; :func:`grouped_contrastive_nll`): the pool splits into groups of
+  segments that every pixel treats alike (classes for the single-label form, distinct tag rows for
+  the set form, regions for relationship I), so one group reduction of the exponentials
+  (``index_add_`` on the CPU, a one-hot matmul elsewhere) gives every masked sum and the set tests
+  are exact integer counts. The gradient has a closed form
+  (``dL/dz_is = e_is ([s in D_i] / S_D - [s in Num_i] / S_Num)``) applied with two matmuls;
+  nothing of size [#pixels x #segments] is saved. For a ``mean``/``sum`` reduction the gradient
+  is formed during the forward pass from the same exponentials (so they are computed once);
+  per-pixel losses (``reduction="none"``) recompute them in backward. Pixels without any negative
+  (loss exactly 0, zero gradient) are dropped before the work.
+* ``impl="generic"`` (and always with ``subtractive=True``): :func:`contrastive_nll` on explicit
+  [#pixels x #segments] masks under autograd, in chunks, each chunk checkpointed (recomputed
+  during backward) when there is more than one. It is the reference the fused path is tested
+  against.
+
+Both process pixels in chunks so that a ``[#pixels x #segments]`` matrix never exists for all
+pixels at once.
 """
 from __future__ import annotations
 
@@ -32,6 +47,7 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from spml_deploy.errors import ConfigError
@@ -40,6 +56,7 @@ log = logging.getLogger(__name__)
 
 Reduction = Literal["mean", "sum", "none"]
 EmptyMode = Literal["skip", "double_count"]
+Impl = Literal["fused", "generic"]
 
 #: Default bound on the number of pixel x segment entries materialised per chunk (2^24 entries:
 #: 64 MiB per float32 temporary).
@@ -47,6 +64,10 @@ MAX_CHUNK_ELEMENTS = 1 << 24
 
 __all__ = [
     "contrastive_nll",
+    "grouped_contrastive_nll",
+    "fused_chunk_rows",
+    "reduction_weights",
+    "group_counts",
     "segsort_plus_loss",
     "set_segsort_loss",
     "chunk_rows",
@@ -185,7 +206,340 @@ def _check_pool(emb: Tensor, own: Tensor, protos: Tensor, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# fused path: group sums and a closed-form gradient
+
+#: Default bound on the pixel x segment entries of one chunk of the fused path on the CPU (2^22:
+#: 16 MiB per float32 buffer; the two buffers are reused across chunks); on other devices
+#: ``MAX_CHUNK_ELEMENTS`` applies.
+FUSED_CPU_CHUNK_ELEMENTS = 1 << 22
+
+#: Off the CPU, up to this many groups the group sums are a matmul against the one-hot group
+#: matrix (deterministic); otherwise (and on the CPU, where it is faster) ``index_add_``.
+GROUP_MATMUL_MAX = 256
+
+
+def group_sums_by_matmul(device: torch.device, num_groups: int) -> bool:
+    """Whether the fused path sums per group with a one-hot matmul (else ``index_add_``)."""
+    return device.type != "cpu" and num_groups <= GROUP_MATMUL_MAX
+
+
+def fused_chunk_rows(num_rows: int, num_cols: int, chunk_size: int | None,
+                     device: torch.device) -> int:
+    """Pixels per chunk of the fused path (``chunk_size`` if given)."""
+    if chunk_size is not None or device.type != "cpu":
+        return chunk_rows(num_rows, num_cols, chunk_size)
+    return max(1, min(num_rows, FUSED_CPU_CHUNK_ELEMENTS // max(1, num_cols)))
+
+
+class _Problem:
+    """Per-call data of the fused primitive shared by its chunks (see grouped_contrastive_nll).
+
+    Work matrices are segment-major, ``[B, P, c]`` for a chunk of ``c`` pixels: the per-pixel
+    reductions run over rows, group sums are row additions (``index_add_``) and the expansion
+    of per-(group, pixel) coefficients is a row gather (``index_select``).
+    """
+
+    def __init__(self, feat: Tensor, protos: Tensor, seg_group: Tensor, counts: Tensor,
+                 pos: Tensor, neg: Tensor, own: Tensor, kappa: float, step: int):
+        b, n, _ = feat.shape
+        p, g = protos.shape[1], pos.shape[2]
+        self.b, self.n, self.p, self.g, self.step, self.kappa = b, n, p, g, step, kappa
+        dtype, device = feat.dtype, feat.device
+        self.feat, self.protos, self.own = feat, protos, own
+        self.kf_t = (feat * kappa).transpose(1, 2).contiguous()             # [B, D, n]
+        # row of each segment in the flattened [B * G] group axis
+        self.flat_group = (seg_group + g * torch.arange(b, device=device).unsqueeze(1)).view(-1)
+        self.onehot_t = None                                                 # [B, G, P]
+        if group_sums_by_matmul(device, g):
+            self.onehot_t = torch.nn.functional.one_hot(seg_group, g).to(dtype).transpose(1, 2)
+        counts = counts.unsqueeze(1)                                         # [B, 1, G]
+        own_g = seg_group.gather(1, own).unsqueeze(2)                        # [B, n, 1]
+        self.own_neg = neg.gather(2, own_g).squeeze(2)
+        zero_l = torch.zeros((), dtype=torch.long, device=device)
+        # exact set tests on integer counts: another positive exists / a negative exists
+        self.has_other = (torch.where(pos, counts, zero_l).sum(2)
+                          - pos.gather(2, own_g).squeeze(2).long()) > 0
+        self.has_neg = torch.where(neg, counts, zero_l).sum(2) > 0
+        self.pos_t = pos.to(dtype).transpose(1, 2).contiguous()              # [B, G, n]
+        self.neg_t = neg.to(dtype).transpose(1, 2).contiguous()
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.flat_e: Tensor | None = None                                    # reused buffers
+        self.flat_w: Tensor | None = None
+        self.protos_aug: Tensor | None = None
+
+    def buffers(self, sl: slice) -> tuple[Tensor, Tensor]:
+        """Two [B, P, c] work buffers for a chunk (views of flat buffers allocated once)."""
+        if self.flat_e is None:
+            self.flat_e = self.feat.new_empty(self.b * min(self.step, self.n) * self.p)
+            self.flat_w = torch.empty_like(self.flat_e)
+        c = sl.stop - sl.start
+        size = self.b * self.p * c
+        return (self.flat_e[:size].view(self.b, self.p, c),
+                self.flat_w[:size].view(self.b, self.p, c))
+
+    def chunks(self):
+        for start in range(0, self.n, self.step):
+            yield slice(start, min(self.n, start + self.step))
+
+    def forward_chunk(self, sl: slice) -> tuple[Tensor, ...]:
+        """Sums ``S_Num``, ``S_D`` [B, c] (see :meth:`losses`), the shifted own logit and the shift
+        [B, c], coefficients [B, G, c] of the non-own entries, the own coefficient times
+        ``E_own`` [B, c], and the exponentials [B, P, c] (own entry zeroed)."""
+        o = self.own[:, sl].unsqueeze(1)                                     # [B, 1, c]
+        e, _ = self.buffers(sl)
+        torch.bmm(self.protos, self.kf_t[:, :, sl], out=e)                   # kappa m.f
+        shift = e.amax(dim=1)                                                # row maximum
+        e.sub_(shift.unsqueeze(1))
+        z_own = e.gather(1, o).squeeze(1)                                    # shifted own logit
+        e.exp_()
+        e_own = e.gather(1, o).squeeze(1)
+        e.scatter_(1, o, 0.0)                                                # own out, by index
+        c = e.shape[2]
+        if self.onehot_t is not None:
+            grouped = torch.bmm(self.onehot_t, e)                            # [B, G, c]
+        else:
+            grouped = e.new_zeros(self.b * self.g, c).index_add_(
+                0, self.flat_group, e.view(self.b * self.p, c)).view(self.b, self.g, c)
+        pt, nt, zero = self.pos_t[:, :, sl], self.neg_t[:, :, sl], self.zero
+        s_pos, s_neg = (grouped * pt).sum(1), (grouped * nt).sum(1)
+        ho, hn, on = self.has_other[:, sl], self.has_neg[:, sl], self.own_neg[:, sl]
+        s_num = torch.where(ho, s_pos, e_own)
+        s_neg = s_neg + torch.where(on, e_own, zero)                         # double count
+        s_den = s_num + s_neg
+        # dL/dz: other entries by (group, pixel), the own entry by pixel; 0 without negatives
+        inv_den = torch.where(hn, 1.0 / s_den, zero)
+        num_coef = -s_neg * inv_den / s_num                                  # 1/S_D - 1/S_Num
+        coef = pt * torch.where(ho, num_coef, zero).unsqueeze(1) + nt * inv_den.unsqueeze(1)
+        own_coef = (torch.where(ho, zero, num_coef) + torch.where(on, inv_den, zero)) * e_own
+        return s_num, s_den, z_own, shift, coef, own_coef, e
+
+    def losses(self, s_num: Tensor, s_den: Tensor, z_own: Tensor) -> Tensor:
+        """``log S_D - log S_Num`` [B, n] (the fallback numerator's log is its logit; 0 without
+        negatives). One ``log`` call for all chunks: on some CPU builds each call of a
+        transcendental function costs a thread wake-up, whatever its size."""
+        logs = torch.log(torch.stack([s_den, torch.where(self.has_other, s_num, 1.0)]))
+        log_num = torch.where(self.has_other, logs[1], z_own)
+        return torch.where(self.has_neg, logs[0] - log_num, self.zero)
+
+    def recompute(self, sl: slice, shift: Tensor) -> Tensor:
+        """The exponentials of a chunk again, the saved shift folded into the matmul."""
+        e, _ = self.buffers(sl)
+        if self.protos_aug is None:
+            self.protos_aug = torch.cat([self.protos, self.protos.new_ones(self.b, self.p, 1)], 2)
+        kf_aug_t = torch.cat([self.kf_t[:, :, sl], -shift.unsqueeze(1)], 1)  # [m, 1].[kf; -shift]
+        return torch.bmm(self.protos_aug, kf_aug_t, out=e).exp_()
+
+    def gradient_chunk(self, sl: slice, e: Tensor, coef: Tensor, own_coef: Tensor,
+                       grad_m: Tensor | None, need_f: bool) -> Tensor | None:
+        """``W = e * coef[group]`` with the own entry set, then ``grad_m += W @ F`` and
+        ``W^T @ M`` (returned if ``need_f``, [B, c, D]); the coefficients already hold kappa and
+        the output gradients."""
+        _, w = self.buffers(sl)
+        c = e.shape[2]
+        torch.index_select(coef.reshape(self.b * self.g, c), 0, self.flat_group,
+                           out=w.view(self.b * self.p, c))
+        e.mul_(w)
+        e.scatter_(1, self.own[:, sl].unsqueeze(1), own_coef.unsqueeze(1))
+        if grad_m is not None:
+            grad_m.baddbmm_(e, self.feat[:, sl])
+        return torch.bmm(e.transpose(1, 2), self.protos) if need_f else None
+
+
+class _GroupedNLL(torch.autograd.Function):
+    """The fused primitive. ``weights`` None: per-pixel losses [B, n]; backward recomputes each
+    chunk's exponentials and applies the closed-form gradient
+    ``dL/dz_is = e_is ([s in D_i] / S_D - [s in Num_i] / S_Num)`` (``D_i`` = numerator set plus
+    negatives, the own segment counted twice when it is both) through ``grad f = W M`` and
+    ``grad M = W^T F``. ``weights`` [B, n]: the scalar ``sum w_i L_i``, whose gradient is formed
+    during the forward pass from the same exponentials (when ``need_grad``); backward scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, feat: Tensor, protos: Tensor, seg_group: Tensor, counts: Tensor, pos: Tensor,
+                neg: Tensor, own: Tensor, weights: Tensor | None, kappa: float, step: int,
+                need_grad: bool) -> Tensor:
+        prob = _Problem(feat, protos, seg_group, counts, pos, neg, own, kappa, step)
+        sums: list[tuple[Tensor, Tensor, Tensor]] = []
+        shifts, coefs, own_coefs, grad_f = [], [], [], []
+        eager = need_grad and weights is not None
+        need_f = eager and ctx.needs_input_grad[0]
+        grad_m = torch.zeros_like(protos) if eager and ctx.needs_input_grad[1] else None
+        for sl in prob.chunks():
+            s_num, s_den, z_own, shift, coef, own_coef, e = prob.forward_chunk(sl)
+            sums.append((s_num, s_den, z_own))
+            if weights is None:
+                shifts.append(shift)
+                coefs.append(coef)
+                own_coefs.append(own_coef)
+            elif eager:
+                scale = kappa * weights[:, sl]
+                grad_f.append(prob.gradient_chunk(sl, e, coef * scale.unsqueeze(1),
+                                                  own_coef * scale, grad_m, need_f))
+        losses = prob.losses(*(torch.cat(t, 1) for t in zip(*sums)))
+        prob.flat_e = prob.flat_w = None
+        if weights is None:
+            ctx.prob = prob
+            ctx.save_for_backward(feat, protos, torch.cat(shifts, 1), torch.cat(coefs, 2),
+                                  torch.cat(own_coefs, 1))
+            ctx.weighted = False
+            return losses
+        ctx.weighted = True
+        if eager:
+            ctx.save_for_backward(torch.cat(grad_f, 1) if need_f else None, grad_m)
+        return (losses * weights).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        none = (None,) * 9
+        if ctx.weighted:
+            grad_f, grad_m = ctx.saved_tensors
+            return ((grad_out * grad_f if need_f else None),
+                    (grad_out * grad_m if need_m else None), *none)
+        _, _, shift, coef, own_coef = ctx.saved_tensors      # feat, protos: version check
+        prob: _Problem = ctx.prob
+        scale = (prob.kappa * grad_out).to(coef.dtype)                       # dz/df = kappa m
+        coef = coef * scale.unsqueeze(1)
+        own_coef = own_coef * scale
+        grad_f: list[Tensor] = []
+        grad_m = torch.zeros_like(prob.protos) if need_m else None
+        for sl in prob.chunks():
+            e = prob.recompute(sl, shift[:, sl])
+            grad_f.append(prob.gradient_chunk(sl, e, coef[:, :, sl], own_coef[:, sl], grad_m,
+                                              need_f))
+        prob.flat_e = prob.flat_w = None
+        return (torch.cat(grad_f, 1) if need_f else None), grad_m, *none
+
+
+def grouped_contrastive_nll(
+    feat: Tensor,
+    protos: Tensor,
+    seg_group: Tensor,
+    pos: Tensor,
+    own: Tensor,
+    kappa: float,
+    neg: Tensor | None = None,
+    *,
+    weights: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Segsort+ losses (spec 4) when the pool splits into groups of segments.
+
+    ``feat``: [B, n, D] unit pixel features; ``protos``: [B, P, D] unit prototypes (B independent
+    problems, e.g. images; B = 1 for one shared pool); ``seg_group``: [B, P] long in ``0..G-1``,
+    the group of each segment; ``pos``: [B, n, G] bool, whether the segments of group g are
+    positives of pixel i; ``neg``: optional [B, n, G] bool, negatives (default: ``~pos``; a group
+    in neither set is excluded, e.g. padding); ``own``: [B, n] long, the column of each pixel's own
+    segment. The losses equal :func:`contrastive_nll` on the expanded masks: log-domain, own
+    segment removed by index, exact set tests, the own segment counted twice when it is a
+    negative and the fallback numerator, exactly 0 without negatives.
+
+    Returns [B, n] per-pixel losses, or with ``weights`` ([B, n], treated as constants) the
+    scalar ``sum w_i L_i`` (e.g. a masked mean); then the gradient is formed in the forward pass
+    (when autograd needs it), so the exponentials are computed once. Gradients come from a closed
+    form: no autograd graph over [n, P] matrices and nothing of that size is saved. Pixels
+    without a negative (or of weight 0) in all of the B problems are dropped first (one host
+    sync); the others are processed in chunks of ``chunk_size`` pixels (default:
+    ``FUSED_CPU_CHUNK_ELEMENTS`` entries on the CPU, ``MAX_CHUNK_ELEMENTS`` elsewhere). Not twice
+    differentiable.
+    """
+    b, n, d = feat.shape
+    p = protos.shape[1]
+    if (protos.shape != (b, p, d) or seg_group.shape != (b, p) or pos.dim() != 3
+            or pos.shape[:2] != (b, n) or own.shape != (b, n)
+            or (neg is not None and neg.shape != pos.shape)
+            or (weights is not None and weights.shape != (b, n))):
+        raise ValueError(f"shape mismatch: feat {tuple(feat.shape)}, protos {tuple(protos.shape)}, "
+                         f"seg_group {tuple(seg_group.shape)}, pos {tuple(pos.shape)}, "
+                         f"own {tuple(own.shape)}")
+    if neg is None:
+        neg = ~pos
+    seg_group, own = seg_group.long(), own.long()
+    if weights is not None:
+        weights = weights.to(feat.dtype).detach()
+    if n == 0 or p == 0:
+        zeros = feat.new_zeros(b, n) + 0.0 * (feat.sum() + protos.sum())
+        return zeros if weights is None else zeros.sum()
+    counts = group_counts(seg_group, pos.shape[2])
+    # Pixels without any negative score exactly 0 with a zero gradient, and pixels of weight 0
+    # do not count: only the others are computed (rows that count in at least one of the B
+    # problems; one host sync).
+    active = (neg & (counts.unsqueeze(1) > 0)).any(2)
+    if weights is not None:
+        active &= weights != 0
+    keep = torch.nonzero(active.any(0)).squeeze(1)
+    k = int(keep.numel())
+    if k == 0:
+        zeros = feat.new_zeros(b, n) + 0.0 * (feat.sum() + protos.sum())
+        return zeros if weights is None else zeros.sum()
+    sub_feat = feat
+    if k < n:
+        sub_feat, pos, neg, own = feat[:, keep], pos[:, keep], neg[:, keep], own[:, keep]
+        weights = None if weights is None else weights[:, keep]
+    step = fused_chunk_rows(k, b * p, chunk_size, feat.device)
+    need_grad = torch.is_grad_enabled() and (feat.requires_grad or protos.requires_grad)
+    out = _GroupedNLL.apply(sub_feat, protos, seg_group, counts, pos, neg, own, weights,
+                            float(kappa), step, need_grad)
+    if weights is None and k < n:
+        out = feat.new_zeros(b, n).index_copy(1, keep, out)
+    return out
+
+
+def group_counts(seg_group: Tensor, num_groups: int) -> Tensor:
+    """Number of segments per group [B, G] of a [B, P] group-index matrix."""
+    counts = torch.zeros(seg_group.shape[0], num_groups, dtype=torch.long, device=seg_group.device)
+    return counts.scatter_add_(1, seg_group, torch.ones_like(seg_group))
+
+
+# ----------------------------------------------------------------------------------------------
 # single-label and multi-label wrappers
+
+
+def _unique_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of a [P, T] bool matrix and the row index of each: ``([G, T], [P])``.
+
+    Up to 62 columns the rows are packed into int64 codes (a 1-d unique, much faster than
+    ``torch.unique(dim=0)``).
+    """
+    t = rows.shape[1]
+    if t > 62 or rows.shape[0] == 0:
+        return torch.unique(rows, dim=0, return_inverse=True)
+    weights = torch.pow(2, torch.arange(t, device=rows.device, dtype=torch.long))
+    codes, group = torch.unique((rows.long() * weights).sum(1), return_inverse=True)
+    return (codes.unsqueeze(1) // weights) % 2 == 1, group
+
+
+def reduction_weights(counted: Tensor, reduction: Reduction, dtype: torch.dtype) -> Tensor:
+    """Per-pixel weights (same shape as ``counted``, bool) of a ``sum`` or ``mean`` reduction
+    over the counted pixels (``mean`` of an empty set: all weights 0)."""
+    w = counted.to(dtype)
+    if reduction == "sum":
+        return w
+    if reduction == "mean":
+        return w / counted.sum().clamp(min=1).to(dtype)
+    raise ConfigError(f"unknown reduction '{reduction}'", fix="use 'mean', 'sum' or 'none'")
+
+
+def _fused_reduced(emb: Tensor, protos: Tensor, group: Tensor, pos: Tensor, own: Tensor,
+                   kappa: float, counted: Tensor | None, reduction: Reduction,
+                   chunk_size: int | None) -> Tensor:
+    """The fused primitive on one shared pool ([N, D] pixels, [P, D] prototypes, [N, G] positive
+    groups), reduced like :func:`reduce_losses`."""
+    if reduction == "none":
+        losses = grouped_contrastive_nll(emb[None], protos[None], group.view(1, -1), pos[None],
+                                         own[None], kappa, chunk_size=chunk_size)[0]
+        return reduce_losses(losses, counted, reduction)
+    if counted is None:
+        counted = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+    weights = reduction_weights(counted, reduction, emb.dtype)
+    return grouped_contrastive_nll(emb[None], protos[None], group.view(1, -1), pos[None],
+                                   own[None], kappa, weights=weights[None], chunk_size=chunk_size)
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("fused", "generic"):
+        raise ConfigError(f"unknown loss implementation '{impl}'", fix="use 'fused' or 'generic'")
 
 
 def segsort_plus_loss(
@@ -200,14 +554,22 @@ def segsort_plus_loss(
     subtractive: bool = False,
     chunk_size: int | None = None,
     checkpoint: bool = True,
+    impl: Impl = "fused",
 ) -> Tensor:
     """Single-label segsort+ loss: positives are the pool entries with the pixel's label.
 
     ``emb``: [N, D] unit pixel features; ``labels``: [N] long; ``own``: [N] long, row of each
     pixel's own segment in ``protos`` ([P, D] unit prototypes); ``proto_labels``: [P] long.
-    Returns the mean (scalar), sum, or [N] per-pixel losses.
+    Returns the mean (scalar), sum, or [N] per-pixel losses. ``impl``: ``fused`` (groups = the
+    distinct prototype labels) or ``generic`` (explicit masks; ``checkpoint`` applies only there);
+    ``subtractive`` always uses the generic code.
     """
     _check_pool(emb, own, protos, "segsort_plus_loss")
+    _check_impl(impl)
+    if impl == "fused" and not subtractive:
+        classes, group = torch.unique(proto_labels, return_inverse=True)
+        pos = labels.view(-1, 1) == classes.view(1, -1)                     # [N, G]
+        return _fused_reduced(emb, protos, group, pos, own, kappa, None, reduction, chunk_size)
 
     def chunk(e: Tensor, y: Tensor, o: Tensor, m: Tensor, ym: Tensor) -> Tensor:
         logits = kappa * (e @ m.t())
@@ -231,6 +593,7 @@ def set_segsort_loss(
     subtractive: bool = False,
     chunk_size: int | None = None,
     checkpoint: bool = True,
+    impl: Impl = "fused",
 ) -> Tensor:
     """Multi-label ("set") segsort+ loss: positives share at least one tag with the pixel.
 
@@ -239,6 +602,8 @@ def set_segsort_loss(
     positive: ``empty='skip'`` (paper default) leaves it out (0 in ``none``, not counted by
     ``mean``); ``empty='double_count'`` (official, ``compat.set_empty_tag_double_count``) scores
     it ``-log(E_own / (E_own + sum_all E))``. A pixel with no negatives contributes 0.
+    ``impl``: ``fused`` (groups = the distinct prototype tag rows) or ``generic`` (explicit masks;
+    ``checkpoint`` applies only there); ``subtractive`` always uses the generic code.
     """
     _check_pool(emb, own, protos, "set_segsort_loss")
     if tags.dim() != 2 or proto_tags.dim() != 2 or tags.shape[1] != proto_tags.shape[1]:
@@ -246,8 +611,14 @@ def set_segsort_loss(
                          f"{tuple(proto_tags.shape)} must be [N, T] and [P, T]")
     if empty not in ("skip", "double_count"):
         raise ConfigError(f"unknown empty-tag mode '{empty}'", fix="use 'skip' or 'double_count'")
+    _check_impl(impl)
     tags_f = (tags != 0).to(emb.dtype)
     proto_tags_f = (proto_tags != 0).to(emb.dtype)
+    counted = None if empty == "double_count" else tags_f.sum(1) > 0
+    if impl == "fused" and not subtractive:
+        rows, group = _unique_rows(proto_tags != 0)
+        pos = (tags_f @ rows.to(emb.dtype).t()) > 0                          # [N, G]
+        return _fused_reduced(emb, protos, group, pos, own, kappa, counted, reduction, chunk_size)
 
     def chunk(e: Tensor, t: Tensor, o: Tensor, m: Tensor, tm: Tensor) -> Tensor:
         logits = kappa * (e @ m.t())
@@ -255,5 +626,4 @@ def set_segsort_loss(
 
     losses = run_chunked(chunk, (emb, tags_f, own), (protos, proto_tags_f),
                           protos.shape[0], chunk_size, checkpoint)
-    counted = None if empty == "double_count" else tags_f.sum(1) > 0
     return reduce_losses(losses, counted, reduction)

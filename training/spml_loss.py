@@ -29,8 +29,9 @@ from spml_deploy.errors import ConfigError, TrainingError
 from spml_deploy.kmeans import clustering_features, kmeans_clusters, l2_normalize, location_features
 from spml_deploy.prototypes import Segments, form_segments, pool_prototypes
 from spml_deploy.training.affinity import affinity_features, propagate_labels
-from spml_deploy.training.losses import (chunk_rows, contrastive_nll, segsort_plus_loss,
-                                         set_segsort_loss, run_chunked)
+from spml_deploy.training.losses import (Impl, chunk_rows, contrastive_nll,
+                                         grouped_contrastive_nll, run_chunked, segsort_plus_loss,
+                                         set_segsort_loss)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,32 @@ def gather_pool(local: SegmentPool) -> tuple[SegmentPool, int]:
 # relationship (I): per image, padded segments, batched over images
 
 
+def _region_groups(pix_region: Tensor, seg_batch: Tensor, seg_region: Tensor, slot: Tensor,
+                   b: int, smax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups of relationship (I): the distinct regions of each image's segments.
+
+    ``slot``: [S] position of each segment in the padded ``[B * Smax]`` layout. Returns the group
+    of each padded column [B, Smax] (padding columns: the extra group ``Gmax``, in neither set),
+    and the positive / negative groups of each pixel [B, N, Gmax + 1] (positive = same region).
+    """
+    device = seg_region.device
+    span = int(seg_region.max()) + 1
+    codes, gid = torch.unique(seg_batch * span + seg_region, return_inverse=True)  # sorted
+    g_batch = codes // span
+    g_count = torch.bincount(g_batch, minlength=b)
+    g_start = torch.cumsum(g_count, 0) - g_count
+    gmax = int(g_count.max())
+    g_local = torch.arange(codes.numel(), device=device) - g_start[g_batch]
+    g_slot = g_batch * (gmax + 1) + g_local
+    g_region = torch.full((b * (gmax + 1),), -1, dtype=torch.long, device=device)
+    g_region = g_region.index_copy(0, g_slot, codes % span).view(b, 1, gmax + 1)
+    g_valid = g_region >= 0
+    group = torch.full((b * smax,), gmax, dtype=torch.long, device=device)
+    group = group.index_copy(0, slot, g_local[gid]).view(b, smax)
+    pos = (pix_region.unsqueeze(2) == g_region) & g_valid
+    return group, pos, g_valid & ~pos
+
+
 def image_similarity_loss(
     feat: Tensor,
     kept: Tensor,
@@ -168,16 +195,23 @@ def image_similarity_loss(
     subtractive: bool = False,
     chunk_size: int | None = None,
     checkpoint: bool = True,
+    impl: Impl = "fused",
 ) -> Tensor:
     """Relationship (I): per image, pixels against that image's segments, positives = same region.
 
     ``feat``: [B, N, F] unit pixel features (N = h*w); ``kept``: [B, N] bool; ``own``: [B, N] long
-    segment id (global, any value at non-kept pixels); ``pix_region``: [B, N] long;
+    segment id (global, any value at non-kept pixels); ``pix_region``: [B, N] long (>= 0);
     ``protos``: [S, F] unit prototypes of the batch's segments, sorted by image (``seg_batch`` [S]
-    non-decreasing in ``0..B-1``); ``seg_region``: [S]. Segments are padded per image to
+    non-decreasing in ``0..B-1``); ``seg_region``: [S] (>= 0). Segments are padded per image to
     ``[B, Smax]`` so that one ``bmm`` serves all images. Returns the mean over images with kept
     pixels of the per-image mean loss (a differentiable 0 when no pixel is kept).
+
+    ``impl="fused"``: :func:`grouped_contrastive_nll` with the regions of each image as groups
+    (padding columns in no group) and the two means as per-pixel weights; ``"generic"`` (or
+    ``subtractive``): :func:`contrastive_nll` on explicit masks (``checkpoint`` applies there).
     """
+    if impl not in ("fused", "generic"):
+        raise ConfigError(f"unknown loss implementation '{impl}'", fix="use 'fused' or 'generic'")
     b, n, _ = feat.shape
     s = protos.shape[0]
     if s == 0 or not bool(kept.any()):
@@ -188,6 +222,14 @@ def image_similarity_loss(
     local = torch.arange(s, device=protos.device) - start[seg_batch]
     slot = seg_batch * smax + local
     pad = protos.new_zeros(b * smax, protos.shape[1]).index_copy(0, slot, protos).view(b, smax, -1)
+    own_local = torch.where(kept, own - start[:, None], torch.zeros_like(own)).clamp(0, smax - 1)
+    if impl == "fused" and not subtractive:
+        group, pos, neg = _region_groups(pix_region, seg_batch, seg_region.long(), slot, b, smax)
+        npix = kept.sum(1, keepdim=True)
+        n_img = (npix > 0).sum().clamp(min=1)
+        weights = kept.to(feat.dtype) / (npix.clamp(min=1) * n_img).to(feat.dtype)
+        return grouped_contrastive_nll(feat, pad, group, pos, own_local, kappa, neg,
+                                       weights=weights, chunk_size=chunk_size)
     reg_pad = torch.full((b * smax,), -1, dtype=torch.long, device=protos.device)
     reg_pad = reg_pad.index_copy(0, slot, seg_region.long()).view(b, smax)
     valid_pad = torch.zeros(b * smax, dtype=torch.bool, device=protos.device)
@@ -195,7 +237,6 @@ def image_similarity_loss(
     # An image without segments has no kept pixel; give its (discarded) rows one valid zero
     # column so that they stay finite and cannot leak NaN into the backward pass.
     valid_pad[:, 0] |= counts == 0
-    own_local = torch.where(kept, own - start[:, None], torch.zeros_like(own)).clamp(0, smax - 1)
 
     def chunk(f: Tensor, o: Tensor, r: Tensor, m: Tensor, rm: Tensor, vm: Tensor) -> Tensor:
         # rows are pixels (chunk), columns images: f [c, B, F], o/r [c, B]
@@ -242,6 +283,7 @@ def spml_losses(
     image_similarity_features: Literal["psi", "phi"] = "psi",
     chunk_size: int | None = None,
     update_memory: bool = True,
+    loss_impl: Impl = "fused",
 ) -> dict[str, Any]:
     """The SPML losses of one iteration (spec 5), and the memory update (spec 3.7).
 
@@ -251,7 +293,9 @@ def spml_losses(
     with column 0 = background (ignored); ``memory``: bank of previous pools (None = none; it is
     read, then the current pool is pushed unless ``update_memory`` is False);
     ``color``: optional [B, 3, h, w] extra clustering channels (DensePose, spec 3.5);
-    ``image_similarity_features``: ``psi`` (VOC: psi_i against nu_s) or ``phi`` (DensePose head).
+    ``image_similarity_features``: ``psi`` (VOC: psi_i against nu_s) or ``phi`` (DensePose head);
+    ``loss_impl``: ``fused`` (default) or ``generic`` implementation of the primitive
+    (``training.losses``; same values), ``compat.subtractive_positive_sum`` always uses generic.
 
     Returns a dict: ``loss`` (lambda-weighted sum, scalar tensor), ``L_I``, ``L_A``, ``L_C``,
     ``L_O`` (unweighted scalar tensors; ``L_O`` is 0 unless lambda_O > 0 and
@@ -321,7 +365,7 @@ def spml_losses(
     L_I = image_similarity_loss(
         feat_map.flatten(2).transpose(1, 2), segs.index.reshape(b, h * w) >= 0,
         segs.index.reshape(b, h * w), regions.reshape(b, h * w), protos_i, segs.batch, segs.region,
-        loss_cfg.kappa_i, subtractive=sub, chunk_size=chunk_size)
+        loss_cfg.kappa_i, subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
 
     # (A) annotation: labelled pixels vs labelled segments (current + memory)
     lab_seg = (pool.label >= 0) & (pool.label < C)
@@ -331,7 +375,7 @@ def spml_losses(
         new_row = torch.cumsum(lab_seg.long(), 0) - 1
         L_A = segsort_plus_loss(phi_pix[lab_px], lab_pix[lab_px], new_row[own[lab_px]],
                                 pool.mu[lab_seg], pool.label[lab_seg], loss_cfg.kappa_a,
-                                subtractive=sub, chunk_size=chunk_size)
+                                subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
     else:
         L_A = zero
 
@@ -341,7 +385,7 @@ def spml_losses(
     if own.numel() > 0:
         L_C = set_segsort_loss(phi_pix, fg_tags[batch_pix], own, pool.mu, pool.tags[:, 1:] != 0,
                                loss_cfg.kappa_c, empty=empty, subtractive=sub,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, impl=loss_impl)
     else:
         L_C = zero
 
@@ -355,7 +399,8 @@ def spml_losses(
                                     top_k=AFFINITY_TOP_K, threshold=AFFINITY_THRESHOLD,
                                     same_image=True, unknown="ones")
         L_O = set_segsort_loss(phi_pix, expanded[own], own, pool.mu, expanded, loss_cfg.kappa_o,
-                               empty=empty, subtractive=sub, chunk_size=chunk_size)
+                               empty=empty, subtractive=sub, chunk_size=chunk_size,
+                               impl=loss_impl)
 
     loss = (loss_cfg.lambda_i * L_I + loss_cfg.lambda_a * L_A + loss_cfg.lambda_c * L_C
             + (loss_cfg.lambda_o * L_O if apply_o else 0.0))
