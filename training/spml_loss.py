@@ -140,15 +140,20 @@ class MemoryBank:
         self._next_id = int(state["next_id"])
 
 
-def gather_pool(local: SegmentPool) -> tuple[SegmentPool, int]:
+def gather_pool(local: SegmentPool, images_per_process: int = 0) -> tuple[SegmentPool, int]:
     """Gather the segment pools of all processes; returns ``(pool, offset)``.
 
     ``offset`` is the row of this process's first segment in the gathered pool (its pixels' own
     segments are ``offset + local id``). Segments never span processes (a segment lies in one
     image), so gathering normalised prototypes is exact; a multi-process version must
     all-gather every field (gradient kept on the local slice) and offset image ids by the rank's
-    first image. On one process this is the identity.
+    first image. On one process this is the identity; under torchrun it is
+    :func:`spml_deploy.training.distributed.gather_segment_pool`.
     """
+    from spml_deploy.training import distributed
+
+    if distributed.active():
+        return distributed.gather_segment_pool(local, images_per_process)
     return local, 0
 
 
@@ -341,7 +346,7 @@ def spml_losses(
     seg_tags = tags[segs.batch]
     local = SegmentPool(mu=mu, label=segs.label, tags=seg_tags, batch=segs.batch, nu=nu,
                         region=segs.region, prop=prop)
-    current, offset = gather_pool(local)
+    current, offset = gather_pool(local, b)
     mem = memory.entries() if memory is not None else None
     if mem is not None:
         mem = mem.to(phi.device, phi.dtype)
