@@ -361,6 +361,190 @@ def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, classifier_iters: 
              device=device, echo=click.echo, progress=not quiet)
 
 
+
+# --------------------------------------------------------------------------------------------
+# retrieval
+
+
+def _index_options(nlist: int | None, nprobe: int | None, ef_search: int | None) -> dict:
+    return {k: v for k, v in (("nlist", nlist), ("nprobe", nprobe), ("ef_search", ef_search))
+            if v is not None}
+
+
+@cli.group("index", context_settings=CONTEXT)
+def index_group() -> None:
+    """Segment index of an image collection, for 'spml-deploy query' and 'serve --index'."""
+
+
+@index_group.command("build", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", type=str)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Index folder to create (segments.sqlite + prototypes.npz).")
+@click.option("--index-type", type=click.Choice(["flat", "ivf", "ivfpq", "hnsw"]), default="flat",
+              show_default=True, help="flat: exact search; ivf/ivfpq/hnsw: approximate, for "
+                                      "millions of segments (ivf/ivfpq are trained on this build).")
+@click.option("--nlist", type=int, help="ivf/ivfpq: inverted lists (default min(4 sqrt(n), n/39)).")
+@click.option("--nprobe", type=int, help="ivf/ivfpq: lists visited per query (default max(16, nlist/32)).")
+@click.option("--ef-search", type=int, help="hnsw: search breadth (default 64).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch", default=4, show_default=True, help="Images per network call.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int | None,
+                nprobe: int | None, ef_search: int | None, backend: str, device: str, batch: int,
+                as_json: bool, quiet: bool) -> None:
+    """Index every image of IMAGES with MODEL (a run folder or bundle) into --out.
+
+    \b
+    IMAGES: a folder (searched recursively), a glob ('photos/**/*.jpg') or a .txt list.
+    Each image is cut into k-means segments of the learned embedding (the model's test grid,
+    12x12 by default); every segment is stored with its unit prototype, predicted class, box,
+    area and mask. Unreadable images are reported (failed.txt) and skipped; exit code 1 then.
+    An interrupted build keeps the finished batches: finish it with 'spml-deploy index add'.
+    """
+    from spml_deploy.serving.retrieval import build_index
+
+    try:
+        report = build_index(model, images, out, index_type=index_type, backend=backend,
+                             device=device, batch=batch, progress=not quiet,
+                             index_options=_index_options(nlist, nprobe, ef_search))
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished batches are stored; complete the index with "
+                   f"'spml-deploy index add {out} {images}'", err=True)
+        sys.exit(130)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if report.failed:
+        sys.exit(1)
+
+
+@index_group.command("add", context_settings=CONTEXT)
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("images", type=str)
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Run folder or bundle (default: the one the index was built with; it must "
+                   "hold the same weights).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch", default=4, show_default=True, help="Images per network call.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def index_add(index_dir: Path, images: str, model: Path | None, backend: str, device: str,
+              batch: int, as_json: bool, quiet: bool) -> None:
+    """Add the images of IMAGES that INDEX_DIR does not hold yet (same path = already indexed).
+
+    Rerunning an interrupted 'index build' or 'index add' with the same IMAGES resumes it.
+    """
+    from spml_deploy.serving.retrieval import add_to_index
+
+    try:
+        report = add_to_index(index_dir, images, model_path=model, backend=backend,
+                              device=device, batch=batch, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished batches are stored; rerun the same command to resume",
+                   err=True)
+        sys.exit(130)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if report.failed:
+        sys.exit(1)
+
+
+@cli.command("query", context_settings=CONTEXT)
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--point", metavar="X,Y", help="Query with the segment under this pixel.")
+@click.option("--box", metavar="X,Y,W,H", help="Query with the pooled embedding inside this box.")
+@click.option("--mask", type=click.Path(path_type=Path), metavar="M.png",
+              help="Query with the pooled embedding inside this mask (image size; non-black = inside).")
+@click.option("-k", "k", default=10, show_default=True, help="Number of segments to return.")
+@click.option("--class", "class_name", metavar="NAME",
+              help="Only segments predicted as this class.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Run folder or bundle (default: the one the index was built with).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits as JSON.")
+@click.option("--show", type=click.Path(path_type=Path), metavar="OUT.png",
+              help="Also draw the query and the retrieved segments, highlighted in their images.")
+def query_cmd(index_dir: Path, image: Path, point: str | None, box: str | None,
+              mask: Path | None, k: int, class_name: str | None, model: Path | None,
+              backend: str, device: str, as_json: bool, show: Path | None) -> None:
+    """Find the indexed segments most similar to a point, box or mask on IMAGE.
+
+    Coordinates are pixels of IMAGE as a viewer shows it (EXIF orientation applied).
+    Give exactly one of --point, --box, --mask.
+    """
+    from spml_deploy.imageio import read_image
+    from spml_deploy.serving.retrieval import (Retriever, query_region, query_vector, read_mask,
+                                               render_hits)
+
+    img = read_image(image)
+    mask_arr = read_mask(mask) if mask is not None else None
+    with Retriever(index_dir, model, backend=backend, device=device) as r:
+        class_id = r.class_id(class_name)               # unknown class: error before any work
+        seg = r.segment(img)
+        vec, desc = query_vector(seg, point=point, box=box, mask=mask_arr)
+        if "class_id" in desc:
+            desc["class"] = r.classes[desc["class_id"]]
+        hits = r.search(vec, k, class_id)
+        if show is not None:
+            render_hits(hits, show, query_image=img,
+                        query_mask=query_region(seg, point=point, box=box, mask=mask_arr))
+    if as_json:
+        click.echo(json.dumps({"query": desc, "hits": [h.to_dict() for h in hits]}, indent=2))
+    else:
+        click.echo(f"query: {desc}")
+        for rank, h in enumerate(hits, 1):
+            x, y, w, h_ = h.box
+            click.echo(f"{rank:3d}  {h.score:.4f}  {h.class_name:<14} {h.image}  "
+                       f"box {x},{y},{w},{h_}  segment {h.segment_id}")
+        if not hits:
+            click.echo("no hits" + (f" of class {class_name}" if class_name else ""))
+    if show is not None:
+        click.echo(f"drawing: {show}")
+
+
+@cli.command("serve", context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--index", "index_dir", type=click.Path(path_type=Path),
+              help="Segment index folder (enables POST /v1/query).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (the service has no authentication: keep loopback "
+                   "unless a proxy in front of it handles access).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--max-upload-mb", default=16.0, show_default=True, type=float,
+              help="Largest request body accepted (413 above).")
+@click.option("--max-pixels", default=40_000_000, show_default=True, type=int,
+              help="Largest image accepted, from its header, before decoding (413 above).")
+@click.option("--max-k", default=100, show_default=True, type=int, help="Largest k for /v1/query.")
+@click.option("--threads", type=int,
+              help="torch intra-op threads for the model (default: one per CPU; 1 is often "
+                   "faster on a small shared CPU).")
+def serve_cmd(model: Path, index_dir: Path | None, host: str, port: int, backend: str,
+              device: str, max_upload_mb: float, max_pixels: int, max_k: int,
+              threads: int | None) -> None:
+    """HTTP service: POST /v1/segment, POST /v1/query (with --index), GET /healthz, docs at /docs.
+
+    \b
+    curl -F image=@photo.jpg http://127.0.0.1:8000/v1/segment
+    curl -F image=@photo.jpg -F point=120,80 -F k=5 http://127.0.0.1:8000/v1/query
+    """
+    from spml_deploy.serving.http import serve
+
+    click.echo(f"serving {model}" + (f" with index {index_dir}" if index_dir else "")
+               + f" on http://{host}:{port} (docs: /docs)", err=True)
+    serve(model, index_dir, host=host, port=port, backend=backend, device=device,
+          max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_k=max_k,
+          threads=threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
     try:

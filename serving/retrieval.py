@@ -1,0 +1,806 @@
+"""Segment retrieval: a prototype index over an image collection, and queries against it.
+
+``build_index`` / ``add_to_index`` turn every image of a collection into segments: the network's
+unit embeddings (any backend), spherical k-means on the valid (non-padding) cells with the spec
+7.3 test grid of the model's config (12x12 by default), one unit prototype per segment
+(normalised sum of its embeddings), the predicted class per segment (majority of the softmax
+argmax over its cells), and the segment's box, area and mask at the ORIGINAL image size. A
+stride-4 cell covers the original pixels whose centre falls into it after the preprocessing
+resize, so a segment may cover no original pixel at all (images upscaled to ``max_side``); such
+segments are not indexed.
+
+An index folder holds ``segments.sqlite`` (:mod:`spml_deploy.serving.store`: images, segments
+with their vectors, meta) and ``prototypes.npz`` (the FAISS index, ids = store ids). Writes
+go store first (one transaction per batch of images), FAISS file last (atomically), so the
+FAISS index may lag behind the store after a crash but never holds an id the store lacks; every
+open completes it from the stored vectors (:func:`sync_index`).
+
+``query`` finds the segments most similar to a point (the query image's segment under it), a box
+or a mask (the normalised pooled embedding of the cells they cover, each cell weighted by the
+number of its original pixels inside), optionally keeping only one predicted class.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spml_deploy.artifacts import MANIFEST, Manifest, read_manifest, sha256_file
+from spml_deploy.config import PreprocessConfig, SegmentationConfig
+from spml_deploy.errors import ConfigError, SpmlError
+from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
+from spml_deploy.pipeline import Prepared, preprocess
+from spml_deploy.prototypes import majority_label, segment_memory
+from spml_deploy.serving.segment import _batches, discover
+from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
+                                       ImageRecord, SegmentRow, SegmentStore, StoreError,
+                                       rle_encode)
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "prototypes.npz"
+LOCK_FILE = ".lock"
+FAILED_FILE = "failed.txt"
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+STRIDE = 4
+
+
+class QueryError(SpmlError):
+    """A retrieval query is malformed (point/box outside the image, empty mask, unknown class)."""
+
+
+# --------------------------------------------------------------------------------------------
+# the model side: embeddings -> segments with prototypes, classes, boxes, masks
+
+
+def model_folder(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def model_fingerprint(manifest: Manifest) -> str:
+    """What identifies the embedding space: the weights' sha256 (a run and its bundles share
+    it), else the ONNX file's, else the model config."""
+    for role in ("weights", "onnx", "engine"):
+        info = manifest.files.get(role)
+        if info and info.get("sha256"):
+            return f"{role}:{info['sha256']}"
+    blob = json.dumps(manifest.to_dict()["model"], sort_keys=True).encode()
+    return "config:" + hashlib.sha256(blob).hexdigest()
+
+
+def segmentation_settings(path: str | Path) -> tuple[tuple[int, int], int]:
+    """(test grid, k-means iterations) from the run's config.json (spec 7.3 defaults otherwise)."""
+    seg = SegmentationConfig()
+    grid, iters = tuple(seg.test_grid), int(seg.kmeans_iters)
+    cfg_path = model_folder(path) / "config.json"
+    if cfg_path.is_file():
+        try:
+            data = json.loads(cfg_path.read_text()).get("segmentation", {})
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config.json is not valid JSON ({exc.msg})", path=cfg_path,
+                              fix="restore the run's config.json") from exc
+        grid = tuple(int(v) for v in data.get("test_grid", grid))
+        iters = int(data.get("kmeans_iters", iters))
+    return grid, iters  # type: ignore[return-value]
+
+
+@dataclass
+class SegmentedImage:
+    """One image cut into segments.
+
+    ``vectors`` [S, D] float32 unit prototypes; ``class_ids`` [S]; ``boxes`` [S, 4] (x, y, w, h)
+    and ``areas`` [S] in original pixels; ``masks`` S RLE blobs (store format). For queries:
+    ``phi`` [D, hv, wv] the unit embeddings of the valid cells, ``cells`` [hv, wv] the segment
+    (0..S-1) of every valid cell (-1: a segment not indexed), ``row_cell`` [H] and ``col_cell``
+    [W] the cell row / column of every original pixel row / column.
+    """
+
+    width: int
+    height: int
+    vectors: np.ndarray
+    class_ids: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    masks: list[bytes]
+    phi: torch.Tensor = field(repr=False)
+    cells: np.ndarray = field(repr=False)
+    row_cell: np.ndarray = field(repr=False)
+    col_cell: np.ndarray = field(repr=False)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def segment_map(self) -> np.ndarray:
+        """Segment id of every original pixel, int32 [H, W] (-1: not indexed)."""
+        return self.cells[self.row_cell[:, None], self.col_cell[None, :]]
+
+
+def pixel_to_cell(n_orig: int, n_resized: int, n_cells: int) -> np.ndarray:
+    """Cell index [n_orig] of every original pixel row (or column): the cell holding the pixel
+    centre after resizing, ``min(floor((i + 0.5) * n_resized / n_orig / 4), n_cells - 1)``."""
+    centre = (np.arange(n_orig, dtype=np.float64) + 0.5) * (n_resized / n_orig)
+    return np.minimum(np.floor(centre / STRIDE).astype(np.int64), n_cells - 1)
+
+
+@torch.no_grad()
+def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Prepared]]:
+    """Batch of RGB uint8 images -> (phi [B, D, h, w] unit, logits [B, C, h, w], valid [B, h, w]
+    bool (non-padding cells), preparation records), exactly as ``Pipeline.predict`` does."""
+    prepped = [preprocess(im, pp) for im in images]
+    ph = max(p.padded_hw[0] for _, p in prepped)
+    pw = max(p.padded_hw[1] for _, p in prepped)
+    x = np.zeros((len(images), 3, ph, pw), np.float32)
+    for i, (arr, _) in enumerate(prepped):
+        x[i, :, : arr.shape[1], : arr.shape[2]] = arr
+    phi, logits = backend(torch.from_numpy(x))
+    b, _, h, w = phi.shape
+    valid = torch.zeros(b, h, w, dtype=torch.bool, device=phi.device)
+    for i, (_, p) in enumerate(prepped):
+        valid[i, : -(-p.resized_hw[0] // STRIDE), : -(-p.resized_hw[1] // STRIDE)] = True
+    return phi, logits, valid, [p for _, p in prepped]
+
+
+@torch.no_grad()
+def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
+                   grid: tuple[int, int], iters: int, num_classes: int) -> list[SegmentedImage]:
+    """Segments, prototypes, classes, boxes, areas and masks of a batch of images."""
+    phi, logits, valid, preps = embed_images(backend, pp, images)
+    protos, _, batch, pix = segment_memory(phi, None, valid, grid, iters=iters, return_index=True)
+    m = int(protos.shape[0])
+    classes = majority_label(logits.argmax(1), pix, m, num_classes)          # [M]
+    protos_np = protos.float().cpu().numpy()
+    classes_np = classes.cpu().numpy()
+    batch_np = batch.cpu().numpy()
+    pix_np = pix.cpu().numpy()
+    first = np.searchsorted(batch_np, np.arange(len(images)))
+    out = []
+    for i, prep in enumerate(preps):                        # loop over the images of a batch
+        H, W = prep.orig_hw
+        rh, rw = prep.resized_hw
+        hv, wv = -(-rh // STRIDE), -(-rw // STRIDE)
+        n_i = int((batch_np == i).sum())
+        # segment of every valid cell (n_i: none), then of every original pixel [H, W]
+        local = np.where(pix_np[i, :hv, :wv] >= 0, pix_np[i, :hv, :wv] - first[i], n_i)
+        local = local.astype(np.int32)
+        row_cell, col_cell = pixel_to_cell(H, rh, hv), pixel_to_cell(W, rw, wv)
+        seg = local[row_cell[:, None], col_cell[None, :]]
+        areas = np.bincount(seg.reshape(-1), minlength=n_i + 1)[:n_i]
+        rows_any = np.zeros((n_i + 1, H), bool)
+        cols_any = np.zeros((n_i + 1, W), bool)
+        rows_any[seg, np.arange(H)[:, None]] = True
+        cols_any[seg, np.arange(W)[None, :]] = True
+        keep = np.flatnonzero(areas > 0)
+        y0 = rows_any[keep].argmax(1)
+        y1 = H - rows_any[keep, ::-1].argmax(1)
+        x0 = cols_any[keep].argmax(1)
+        x1 = W - cols_any[keep, ::-1].argmax(1)
+        boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.int64)
+        renum = np.full(n_i + 1, -1, np.int64)
+        renum[keep] = np.arange(keep.size)
+        masks = [rle_encode(seg[y0[j]:y1[j], x0[j]:x1[j]] == s) for j, s in enumerate(keep)]
+        cells = renum[local]
+        out.append(SegmentedImage(
+            width=W, height=H, vectors=protos_np[first[i] + keep].astype(np.float32),
+            class_ids=classes_np[first[i] + keep].astype(np.int64), boxes=boxes,
+            areas=areas[keep].astype(np.int64), masks=masks,
+            phi=phi[i, :, :hv, :wv].float().cpu(), cells=cells, row_cell=row_cell,
+            col_cell=col_cell))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the FAISS side
+
+
+def _index_api():
+    from spml_deploy import index as index_module
+
+    return index_module
+
+
+def new_index(dim: int, index_type: str, options: dict[str, Any] | None = None):
+    """An empty index of ``index_type`` (inner product on unit vectors, with ids): a FAISS
+    ``PrototypeIndex`` (on the GPU when faiss-gpu sees one), or the exact brute-force
+    ``ExactIndex`` when FAISS is not installed."""
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"unknown index type '{index_type}'",
+                          fix=f"choose one of {', '.join(INDEX_TYPES)}")
+    api = _index_api()
+    opts = dict(options or {})
+    opts.setdefault("use_gpu", api.gpu_available())
+    return api.make_index(dim, index_type, **opts)
+
+
+def _load_index(path: Path):
+    api = _index_api()
+    return api.load_index(path, use_gpu=api.gpu_available())
+
+
+def _fill(index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add ``vectors`` with ``ids`` to ``index``, training it first when it is new."""
+    if hasattr(index, "train") and not index.is_trained:
+        index.train(vectors)
+    index.add(vectors, ids)
+
+
+def sync_index(index_dir: Path, store: SegmentStore, save: bool = True, warn_lag: bool = True):
+    """Open the FAISS index and make it hold exactly the store's segments.
+
+    Writes go store first, so the index normally holds ids ``0 .. ntotal-1`` of the store's
+    ``0 .. n-1``; rows ``>= ntotal`` (an ``add`` interrupted between its commit and the index
+    write) are added from the stored vectors. A missing index file, or one whose ids are not
+    such a prefix (which this write order never produces: a file replaced by hand, a store
+    restored from a backup), is rebuilt from all stored vectors (ivf/ivfpq are trained on them).
+    ``save``: write the completed index back (atomically). ``warn_lag``: log a lagging index
+    (an interrupted add; ``add`` itself completes the index this way). Returns the index.
+    """
+    meta = store.meta()
+    n = store.count()
+    path = Path(index_dir) / INDEX_FILE
+    dim = int(meta["embed_dim"])
+    index, have = None, 0
+    if path.is_file():
+        index = _load_index(path)
+        have = int(index.ntotal)
+        if have > n or not np.array_equal(index.ids, np.arange(have)):
+            log.warning("index %s does not match its store (%d prototypes, store %d segments): "
+                        "rebuilding it from the stored vectors", path, have, n)
+            index, have = None, 0
+        elif have < n and warn_lag:
+            log.warning("index %s lags its store by %d segments (interrupted add): completing it "
+                        "from the stored vectors", path, n - have)
+    if index is None:
+        index = new_index(dim, meta["index_type"], meta.get("index_options"))
+    if have < n:
+        ids, vecs = store.vectors(have, n, dim)
+        _fill(index, ids, vecs)
+        if save:
+            try:
+                index.save(path)           # atomic: temporary file + os.replace
+            except OSError as exc:
+                log.warning("cannot write the completed index to %s (%s); using it in memory",
+                            path, exc)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# building and extending
+
+
+@dataclass
+class IndexReport:
+    """What an index build/add did."""
+
+    added_images: int = 0
+    added_segments: int = 0
+    skipped_images: int = 0            # already in the index
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    total_images: int = 0
+    total_segments: int = 0
+    seconds: float = 0.0
+    index_dir: str = ""
+
+    def format(self) -> str:
+        lines = [f"index {self.index_dir}: {self.added_images} images added "
+                 f"({self.added_segments} segments), {self.skipped_images} already indexed, "
+                 f"{len(self.failed)} failed, in {self.seconds:.1f} s",
+                 f"  now {self.total_images} images, {self.total_segments} segments"]
+        for path, why in self.failed[:10]:
+            lines.append(f"  failed: {path}: {why}")
+        if len(self.failed) > 10:
+            lines.append(f"  ... {len(self.failed) - 10} more in {FAILED_FILE}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"added_images": self.added_images, "added_segments": self.added_segments,
+                "skipped_images": self.skipped_images, "failed": [list(f) for f in self.failed],
+                "total_images": self.total_images, "total_segments": self.total_segments,
+                "seconds": self.seconds, "index_dir": self.index_dir}
+
+
+@contextlib.contextmanager
+def _exclusive(index_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the index folder (one writer at a time)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(index_dir / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SpmlError("another process is writing this index", path=index_dir,
+                            fix="wait for the other 'index build/add' to finish") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _backend(model_path: str | Path, backend: Any, device: str, **backend_options: Any):
+    """A backend kind (opened here, closed after) or a ready Backend object (used as is)."""
+    if not isinstance(backend, str):
+        yield backend
+        return
+    from spml_deploy.backends import load_backend
+
+    be = load_backend(model_folder(model_path), kind=backend, device=device, **backend_options)
+    try:
+        yield be
+    finally:
+        be.close()
+
+
+def build_index(model_path: str | Path, images_source: str | Path, out_dir: str | Path,
+                index_type: str = "flat", backend: str = "torch", device: str = "cpu",
+                batch: int = 4, progress: bool = True, index_options: dict[str, Any] | None = None,
+                **backend_options: Any) -> IndexReport:
+    """Index every image of ``images_source`` (folder, glob or .txt list) into ``out_dir``.
+
+    ``index_type``: flat (exact), ivf, ivfpq (trained on the collection's prototypes at the end
+    of the build), hnsw. ``index_options`` go to ``PrototypeIndex`` (e.g. nlist, nprobe, m).
+    Refuses a folder that already holds an index (extend it with :func:`add_to_index`).
+    """
+    out = Path(out_dir)
+    if (out / STORE_FILE).exists():
+        raise SpmlError("this folder already holds an index", path=out,
+                        fix="extend it with 'spml-deploy index add', or choose another --out")
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"unknown index type '{index_type}'",
+                          fix=f"choose one of {', '.join(INDEX_TYPES)}")
+    folder = model_folder(model_path)
+    manifest = read_manifest(folder, verify=True)
+    grid, iters = segmentation_settings(folder)
+    items = _discover(images_source)          # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        store = SegmentStore(out / STORE_FILE, create=True)
+        try:
+            store.set_meta({
+                "schema_version": STORE_SCHEMA_VERSION,
+                "model_fingerprint": model_fingerprint(manifest),
+                "manifest_sha256": sha256_file(folder / MANIFEST),
+                "model_path": str(folder.resolve()),
+                "embed_dim": int(manifest.model.embed_dim),
+                "index_type": index_type,
+                "index_options": dict(index_options or {}),
+                "classes": list(manifest.classes),
+                "test_grid": list(grid),
+                "kmeans_iters": iters,
+                "mask_encoding": MASK_ENCODING,
+            })
+            with _backend(folder, backend, device, **backend_options) as be:
+                return _ingest(out, store, be, manifest, items, batch, progress)
+        finally:
+            store.close()
+
+
+def add_to_index(index_dir: str | Path, images_source: str | Path,
+                 model_path: str | Path | None = None, backend: Any = "torch",
+                 device: str = "cpu", batch: int = 4, progress: bool = True,
+                 **backend_options: Any) -> IndexReport:
+    """Add the images of ``images_source`` not yet indexed (same path) to ``index_dir``.
+
+    ``model_path`` defaults to the model the index was built with; another folder must hold the
+    same weights (e.g. the run's bundle), else :class:`StoreError`. Rerunning an interrupted
+    ``add`` resumes it (images already in the store are skipped).
+    """
+    index_dir = Path(index_dir)
+    store = SegmentStore(index_dir / STORE_FILE)
+    try:
+        meta = store.meta()
+        folder = model_folder(model_path or meta["model_path"])
+        manifest = read_manifest(folder, verify=True)
+        check_model(meta, manifest, folder)
+        items = _discover(images_source)
+        with _exclusive(index_dir):
+            with _backend(folder, backend, device, **backend_options) as be:
+                return _ingest(index_dir, store, be, manifest, items, batch, progress)
+    finally:
+        store.close()
+
+
+def check_model(meta: dict[str, Any], manifest: Manifest, folder: Path) -> None:
+    """Refuse a model whose embedding space is not the index's."""
+    fp = model_fingerprint(manifest)
+    if fp != meta.get("model_fingerprint"):
+        raise StoreError(f"the model in {folder} ({fp[:24]}...) is not the one this index was built "
+                         f"with ({str(meta.get('model_fingerprint'))[:24]}...): its embeddings "
+                         "are not comparable", path=folder,
+                         fix=f"use the index's model ({meta.get('model_path')}) or its bundle, or "
+                             "build a new index with this model")
+
+
+def _discover(source: str | Path) -> list:
+    items = discover(source)
+    if not items:
+        raise SpmlError("no images found", path=source,
+                        fix=f"image extensions: {', '.join(IMAGE_EXTENSIONS)}")
+    return items
+
+
+def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items: list,
+            batch: int, progress: bool) -> IndexReport:
+    """Segment the new images of ``items`` into ``store`` (one transaction per batch), then
+    bring the FAISS index up to date (written once, at the end)."""
+    meta = store.meta()
+    grid = tuple(meta["test_grid"])
+    iters = int(meta["kmeans_iters"])
+    t0 = time.perf_counter()
+    report = IndexReport(index_dir=str(index_dir))
+    known = store.image_paths()
+    todo = []
+    for it in items:
+        if str(it.path.resolve()) in known:
+            report.skipped_images += 1
+        else:
+            todo.append(it)
+            known.add(str(it.path.resolve()))        # a path listed twice is indexed once
+    bar = tqdm(total=len(items), initial=report.skipped_images, desc="index", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as readers:
+            for group in _batches(todo, max(1, int(batch)), readers):
+                good = []
+                for it, img, err, _ in group:
+                    if err is None:
+                        good.append((it, img))
+                    else:
+                        report.failed.append((str(it.path), err))
+                if good:
+                    try:
+                        segs = segment_images(be, manifest.preprocess, [im for _, im in good],
+                                              grid, iters, manifest.num_classes)  # type: ignore[arg-type]
+                    except SpmlError as exc:          # e.g. an image too large for the engine
+                        report.failed += [(str(it.path), exc.message) for it, _ in good]
+                        bar.update(len(group))
+                        continue
+                    records = [ImageRecord(str(it.path.resolve()), it.rel, s.width, s.height,
+                                           s.boxes, s.areas, s.class_ids, s.masks, s.vectors)
+                               for (it, _), s in zip(good, segs)]
+                    ids = store.add_images(records)
+                    report.added_images += len(records)
+                    report.added_segments += int(ids.size)
+                bar.update(len(group))
+    finally:
+        bar.close()
+        if report.failed:
+            with open(index_dir / FAILED_FILE, "a") as f:
+                f.write("".join(f"{p}\t{why}\n" for p, why in report.failed))
+        # also after an interruption: the committed batches get into the FAISS index
+        if store.count() > 0:
+            sync_index(index_dir, store, save=True, warn_lag=False)
+    report.total_images = store.num_images()
+    report.total_segments = store.count()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass
+class Hit:
+    """One retrieved segment."""
+
+    score: float                    # cosine similarity to the query prototype
+    image: str                      # indexed image path
+    segment_id: int                 # store/FAISS id
+    box: tuple[int, int, int, int]  # x, y, w, h in original pixels
+    class_id: int
+    class_name: str
+    area: int
+    row: SegmentRow = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": round(float(self.score), 6), "image": self.image,
+                "segment_id": self.segment_id, "box": list(self.box), "class_id": self.class_id,
+                "class": self.class_name, "area": self.area}
+
+
+def _parse_ints(value: Any, n: int, what: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    else:
+        parts = list(value)
+    try:
+        nums = tuple(float(p) for p in parts)
+    except (TypeError, ValueError) as exc:
+        raise QueryError(f"{what} must be {n} numbers, got {value!r}",
+                         fix=f"write it as {'X,Y' if n == 2 else 'X,Y,W,H'}") from exc
+    if len(nums) != n or not all(math.isfinite(v) for v in nums):
+        raise QueryError(f"{what} must be {n} finite numbers, got {value!r}",
+                         fix=f"write it as {'X,Y' if n == 2 else 'X,Y,W,H'}")
+    return tuple(int(math.floor(v)) for v in nums)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A query mask file -> bool [H, W]: every non-black pixel is inside (0/1 or 0/255 grey
+    masks, white-on-black colour masks, label maps whose class 0 is black). Use a lossless
+    format (PNG): JPEG noise turns black pixels grey."""
+    return read_image(path).max(axis=2) > 0
+
+
+def query_vector(seg: SegmentedImage, point: Any = None, box: Any = None,
+                 mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The query prototype [D] (unit) of exactly one of point / box / mask, plus a description.
+
+    Point (x, y): the prototype of the segment under the pixel. Box (x, y, w, h) or mask (bool
+    [H, W]): normalise(sum over cells of n_c * phi_c) with n_c the original pixels of the cell
+    inside the box / mask. Coordinates are original pixels; anything outside raises QueryError.
+    """
+    given = [v is not None for v in (point, box, mask)]
+    if sum(given) != 1:
+        raise QueryError("give exactly one of point, box or mask",
+                         fix="e.g. --point 120,80 or --box 100,60,40,40 or --mask m.png")
+    H, W = seg.height, seg.width
+    hv, wv = seg.cells.shape
+    if point is not None:
+        x, y = _parse_ints(point, 2, "point")
+        if not (0 <= x < W and 0 <= y < H):
+            raise QueryError(f"point ({x}, {y}) lies outside the {W}x{H} image",
+                             fix=f"use 0 <= x < {W} and 0 <= y < {H} (pixels of the image)")
+        s = int(seg.cells[seg.row_cell[y], seg.col_cell[x]])
+        assert s >= 0, "a pixel's own segment always covers it"
+        return seg.vectors[s], {"point": [x, y], "segment": s, "box": seg.boxes[s].tolist(),
+                                "class_id": int(seg.class_ids[s])}
+    if box is not None:
+        x, y, w, h = _parse_ints(box, 4, "box")
+        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > W or y + h > H:
+            raise QueryError(f"box ({x}, {y}, {w}, {h}) is empty or not inside the {W}x{H} image",
+                             fix="give X,Y,W,H with W,H >= 1, X+W <= width and Y+H <= height")
+        rows = np.bincount(seg.row_cell[y:y + h], minlength=hv)
+        cols = np.bincount(seg.col_cell[x:x + w], minlength=wv)
+        weight = np.outer(rows, cols).astype(np.float64)
+        desc: dict[str, Any] = {"box": [x, y, w, h]}
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (H, W):
+            raise QueryError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {W}x{H}",
+                             fix="draw the mask at the query image's size")
+        ys, xs = np.nonzero(mask)
+        if ys.size == 0:
+            raise QueryError("mask is empty (no pixel inside)",
+                             fix="mark the region with non-zero (white) pixels")
+        weight = np.bincount(seg.row_cell[ys] * wv + seg.col_cell[xs],
+                             minlength=hv * wv).reshape(hv, wv).astype(np.float64)
+        desc = {"mask_pixels": int(ys.size)}
+    wt = torch.from_numpy(weight).to(seg.phi.dtype)
+    pooled = (seg.phi * wt).flatten(1).sum(1)
+    return F.normalize(pooled, dim=0, eps=1e-12).numpy().astype(np.float32), desc
+
+
+def query_region(seg: SegmentedImage, point: Any = None, box: Any = None,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+    """The query's pixels, bool [H, W] (for drawing): the segment under the point, the box, or
+    the mask. Arguments as in :func:`query_vector` (validated there)."""
+    if point is not None:
+        x, y = _parse_ints(point, 2, "point")
+        return seg.segment_map() == seg.cells[seg.row_cell[y], seg.col_cell[x]]
+    if box is not None:
+        x, y, w, h = _parse_ints(box, 4, "box")
+        out = np.zeros((seg.height, seg.width), bool)
+        out[y:y + h, x:x + w] = True
+        return out
+    return np.asarray(mask, dtype=bool)
+
+
+class Retriever:
+    """An opened index (store + FAISS) and its model, for repeated queries.
+
+    Thread-safe for concurrent queries when the backend is (the HTTP service serialises the
+    network calls with a lock).
+    """
+
+    def __init__(self, index_dir: str | Path, model_path: str | Path | None = None,
+                 backend: str = "torch", device: str = "cpu", backend_obj=None,
+                 **backend_options: Any):
+        self.index_dir = Path(index_dir)
+        self._own_backend = backend_obj is None
+        self.store = SegmentStore(self.index_dir / STORE_FILE)
+        try:
+            self.meta = self.store.meta()
+            folder = model_folder(model_path or self.meta["model_path"])
+            self.manifest = backend_obj.manifest if backend_obj is not None else \
+                read_manifest(folder, verify=True)
+            check_model(self.meta, self.manifest, folder)
+            self.index = sync_index(self.index_dir, self.store, save=True)
+            if backend_obj is None:
+                from spml_deploy.backends import load_backend
+
+                backend_obj = load_backend(folder, kind=backend, device=device, **backend_options)
+            self.backend = backend_obj
+        except BaseException:
+            self.store.close()
+            raise
+        self.grid = tuple(self.meta["test_grid"])
+        self.iters = int(self.meta["kmeans_iters"])
+        self.classes = list(self.meta["classes"])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def segment(self, image: np.ndarray) -> SegmentedImage:
+        """The query image's segments (same grid and iterations as the index)."""
+        return segment_images(self.backend, self.manifest.preprocess, [image], self.grid,
+                              self.iters, len(self.classes))[0]   # type: ignore[arg-type]
+
+    def class_id(self, class_name: str | None) -> int | None:
+        if class_name is None:
+            return None
+        if class_name in self.classes:
+            return self.classes.index(class_name)
+        raise QueryError(f"unknown class '{class_name}'",
+                         fix=f"choose one of {', '.join(self.classes)}")
+
+    def search(self, vector: np.ndarray, k: int = 10, class_id: int | None = None) -> list[Hit]:
+        """Top-``k`` segments by cosine similarity to ``vector`` [D]; with ``class_id`` only
+        segments predicted as that class (the search goes deeper until k of them are found)."""
+        if k < 1:
+            raise QueryError(f"k must be at least 1, got {k}", fix="e.g. -k 10")
+        n = len(self)
+        if n == 0:
+            return []
+        depth = min(n, k if class_id is None else max(4 * k, 64))
+        q = np.ascontiguousarray(vector, np.float32).reshape(1, -1)
+        while True:
+            scores, ids = self.index.search(q, depth)
+            scores, ids = np.asarray(scores)[0], np.asarray(ids)[0]
+            ok = ids >= 0
+            rows = self.store.segments(ids[ok].tolist())
+            hits = [Hit(float(s), r.image_path, r.id, tuple(r.box), r.class_id,
+                        self._name(r.class_id), r.area, r) for s, r in zip(scores[ok], rows)]
+            if class_id is not None:
+                hits = [h for h in hits if h.class_id == class_id]
+            if len(hits) >= k or depth >= n:
+                return hits[:k]
+            depth = min(n, depth * 4)
+
+    def query(self, image: np.ndarray | str | Path, point: Any = None, box: Any = None,
+              mask: np.ndarray | str | Path | None = None, k: int = 10,
+              class_name: str | None = None) -> tuple[list[Hit], dict[str, Any]]:
+        """Hits for a point / box / mask on ``image`` (array or path), and the query's description."""
+        class_id = self.class_id(class_name)
+        if not isinstance(image, np.ndarray):
+            image = read_image(image)
+        if mask is not None and not isinstance(mask, np.ndarray):
+            mask = read_mask(mask)
+        seg = self.segment(image)
+        vec, desc = query_vector(seg, point=point, box=box, mask=mask)
+        if "class_id" in desc:
+            desc["class"] = self._name(desc["class_id"])
+        return self.search(vec, k, class_id), desc
+
+    def _name(self, class_id: int) -> str:
+        return self.classes[class_id] if 0 <= class_id < len(self.classes) else str(class_id)
+
+    def info(self) -> dict[str, Any]:
+        return {"index_dir": str(self.index_dir), "segments": len(self),
+                "images": self.store.num_images(), "index_type": self.meta["index_type"],
+                "embed_dim": self.meta["embed_dim"], "classes": self.classes}
+
+    def close(self) -> None:
+        self.store.close()
+        if self._own_backend:
+            self.backend.close()
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def query(index_dir: str | Path, model_path: str | Path | None, image: str | Path | np.ndarray,
+          point: Any = None, box: Any = None, mask: str | Path | np.ndarray | None = None,
+          k: int = 10, class_name: str | None = None, backend: str = "torch",
+          device: str = "cpu") -> list[Hit]:
+    """Top-``k`` indexed segments most similar to a point / box / mask on ``image``.
+
+    ``model_path`` None: the model the index was built with. ``class_name``: keep only hits
+    predicted as that class. Raises :class:`QueryError` for out-of-image points/boxes.
+    """
+    with Retriever(index_dir, model_path, backend=backend, device=device) as r:
+        hits, _ = r.query(image, point=point, box=box, mask=mask, k=k, class_name=class_name)
+    return hits
+
+
+# --------------------------------------------------------------------------------------------
+# drawing
+
+
+def render_hits(hits: Sequence[Hit], out_png: str | Path, *, tile: int = 192, cols: int = 5,
+                query_image: np.ndarray | None = None, query_mask: np.ndarray | None = None,
+                store: SegmentStore | None = None) -> Path:
+    """Grid of the retrieved segments highlighted in their images (PNG, written atomically).
+
+    Each tile: the image region around the segment's box (with a margin), the segment tinted and
+    outlined, the rank, score and class. ``query_image`` (+ bool ``query_mask``) adds the query
+    as the first tile. Unreadable hit images become grey tiles.
+    """
+    import cv2
+    from PIL import Image
+    import io
+
+    tiles = []
+    if query_image is not None:
+        qm = query_mask if query_mask is not None else np.zeros(query_image.shape[:2], bool)
+        tiles.append(_tile(query_image, qm, None, "query", tile, (255, 80, 80)))
+    for rank, h in enumerate(hits, 1):
+        row = h.row if h.row is not None else (store.segments([h.segment_id])[0] if store else None)
+        label = f"#{rank} {h.score:.2f} {h.class_name}"
+        try:
+            img = read_image(h.image)
+            m = row.full_mask() if row is not None else np.zeros(img.shape[:2], bool)
+            if m.shape != img.shape[:2]:
+                raise SpmlError("image changed since it was indexed", path=h.image)
+            tiles.append(_tile(img, m, h.box, label, tile, (80, 255, 80)))
+        except SpmlError as exc:
+            log.warning("render_hits: %s", exc)
+            blank = np.full((tile, tile, 3), 96, np.uint8)
+            cv2.putText(blank, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+            tiles.append(blank)
+    if not tiles:
+        tiles.append(np.full((tile, tile, 3), 96, np.uint8))
+    ncol = max(1, min(cols, len(tiles)))
+    nrow = -(-len(tiles) // ncol)
+    grid = np.full((nrow * tile, ncol * tile, 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncol)
+        grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return atomic_write_bytes(out_png, buf.getvalue())
+
+
+def _tile(image: np.ndarray, mask: np.ndarray, box, label: str, size: int,
+          colour: tuple[int, int, int]) -> np.ndarray:
+    import cv2
+
+    H, W = image.shape[:2]
+    if box is None:
+        ys, xs = np.nonzero(mask)
+        box = (0, 0, W, H) if ys.size == 0 else (xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                                  ys.max() - ys.min() + 1)
+    x, y, w, h = (int(v) for v in box)
+    side = int(max(w, h) * 1.6) + 8
+    cx, cy = x + w / 2, y + h / 2
+    x0 = int(np.clip(cx - side / 2, 0, max(0, W - side)))
+    y0 = int(np.clip(cy - side / 2, 0, max(0, H - side)))
+    x1, y1 = min(W, x0 + side), min(H, y0 + side)
+    img = image.astype(np.float32)
+    tint = np.asarray(colour, np.float32)
+    img[mask] = 0.55 * img[mask] + 0.45 * tint
+    img = img.clip(0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    img = np.ascontiguousarray(img)
+    cv2.drawContours(img, contours, -1, colour, max(1, int(round(max(W, H) / 256))))
+    crop = img[y0:y1, x0:x1]
+    ch, cw = crop.shape[:2]
+    s = size / max(ch, cw)
+    crop = cv2.resize(crop, (max(1, int(round(cw * s))), max(1, int(round(ch * s)))),
+                      interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_NEAREST)
+    out = np.full((size, size, 3), 32, np.uint8)
+    out[: crop.shape[0], : crop.shape[1]] = crop[:size, :size]
+    cv2.rectangle(out, (0, 0), (size - 1, 16), (0, 0, 0), -1)
+    cv2.putText(out, label[:32], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return out
