@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from spml_deploy.errors import SpmlError, require
-from spml_deploy.imageio import read_image
+from spml_deploy.imageio import encode_label_png, read_image
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def create_app(model_path: str | Path, index_dir: str | Path | None = None, *,
         arr = await _image(image)
         pred = await run_in_threadpool(service.segment, arr)
         labels = pred.labels
-        png = await run_in_threadpool(label_png_bytes, labels, service.pipeline.palette)
+        png = await run_in_threadpool(encode_label_png, labels, service.pipeline.palette)
         if format == "png":
             return Response(content=png, media_type="image/png")
         ids, counts = np.unique(labels, return_counts=True)
@@ -340,23 +340,6 @@ def create_app(model_path: str | Path, index_dir: str | Path | None = None, *,
         return {"query": desc, "k": k, "hits": [h.to_dict() for h in hits]}
 
     return app
-
-
-def label_png_bytes(labels: np.ndarray, palette: list[list[int]]) -> bytes:
-    """Label map uint8 [H, W] -> palette PNG bytes, the format of ``imageio.write_label_png``
-    (pixel values = class ids; colours from ``palette``, then ``default_palette``)."""
-    from PIL import Image
-
-    from spml_deploy.imageio import default_palette
-
-    colours = default_palette(256)
-    for i, rgb in enumerate(list(palette)[:256]):
-        colours[i] = tuple(int(v) for v in rgb)
-    im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    im.putpalette([v for rgb in colours for v in rgb])
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def serve(model_path: str | Path, index_dir: str | Path | None = None, host: str = "127.0.0.1",

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "set_max_pixels", "get_max_pixels", "read_image",
-    "image_size", "read_label_png", "write_label_png", "default_palette", "atomic_write_bytes",
+    "image_size", "read_label_png", "encode_label_png", "write_label_png", "default_palette",
+    "atomic_write_bytes",
     "atomic_write_text",
 ]
 
@@ -316,13 +317,11 @@ def default_palette(n: int = 256) -> list[tuple[int, int, int]]:
     return palette
 
 
-def write_label_png(path: str | Path, labels: np.ndarray,
-                    palette: list[tuple[int, int, int]] | None = None) -> Path:
-    """Write a height x width array of class ids (0..255) as a palette PNG, atomically.
+def encode_label_png(labels: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> bytes:
+    """A height x width array of class ids (0..255) as palette-PNG bytes.
 
     ``palette`` lists RGB colours for ids 0..len-1 (the rest come from :func:`default_palette`),
-    so the file shows colours in a viewer while its pixel values stay the class ids. Parent
-    folders are created. Returns the path written.
+    so the file shows colours in a viewer while its pixel values stay the class ids.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -332,13 +331,20 @@ def write_label_png(path: str | Path, labels: np.ndarray,
             raise ValueError(f"labels must lie in 0..255, got {labels.min()}..{labels.max()}")
         labels = labels.astype(np.uint8)
     colours = default_palette(256)
-    for i, rgb in enumerate((palette or [])[:256]):
+    for i, rgb in enumerate(list(palette or [])[:256]):
         colours[i] = tuple(int(v) for v in rgb)
     im = Image.fromarray(np.ascontiguousarray(labels))
     im.putpalette([v for rgb in colours for v in rgb])
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_label_png(path: str | Path, labels: np.ndarray,
+                    palette: list[tuple[int, int, int]] | None = None) -> Path:
+    """Write :func:`encode_label_png` of ``labels`` to ``path`` atomically (parent folders are
+    created). Returns the path written."""
+    return atomic_write_bytes(path, encode_label_png(labels, palette))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

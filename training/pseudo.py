@@ -211,7 +211,6 @@ def classifier_round2(net, f1, items, cfg: RunConfig, C: int, present_of, out_di
 def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by_stem, device,
                progress: bool = True) -> dict[str, str]:
     """Run the post-embedding stages; returns the files written (role -> relative path)."""
-    from spml_deploy.training.classifier import train_classifier
 
     run_dir = Path(run_dir)
     net.eval()

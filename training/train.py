@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_text, load_weights,
                                    provenance, write_manifest)
-from spml_deploy.config import VOID, RunConfig, from_dict, to_dict
+from spml_deploy.config import RunConfig, from_dict, to_dict
 from spml_deploy.data import Dataset
 from spml_deploy.errors import ConfigError, TrainingError
 
