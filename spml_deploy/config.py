@@ -107,6 +107,8 @@ class TrainConfig:
     batch: int = 12
     crop: int = 512
     lr: float = 3e-3
+    optimizer: str = "sgd"          # "sgd" (spec 6: momentum, poly decay) or "adamw" (same schedule)
+    backbone_lr_mult: float = 0.0   # 0 = automatic: x1 with pretrained weights, x10 from scratch
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup: int = 100

@@ -431,17 +431,18 @@ def _named_trainable(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def param_groups(net: EmbeddingNet, classifier: nn.Module | None, base_lr: float,
-                 weight_decay: float) -> list[dict[str, Any]]:
+                 weight_decay: float, backbone_mult: float = 1.0) -> list[dict[str, Any]]:
     """torch.optim parameter groups with the spec-6 multipliers (key ``lr_mult``; ``lr`` =
     base_lr * lr_mult, so a scheduler sets ``group['lr'] = lr_t * group['lr_mult']``).
 
     Names ending in ``weight`` (convolutions and BN scale) are weights, names ending in ``bias``
     (convolution biases and BN shift beta) are biases without weight decay:
-    backbone weights x1, biases x2; head weights x10, biases x20; classifier weights x10,
-    biases x20. Frozen parameters (``requires_grad`` False) are left out; a backbone trained
+    backbone weights x1, biases x2 (``backbone_mult`` replaces the x1: a backbone trained from
+    scratch has nothing to preserve and learns at the head's rate); head weights x10, biases x20;
+    classifier weights x10, biases x20. Frozen parameters (``requires_grad`` False) are left out; a backbone trained
     from scratch has its stem and stage 2 in the backbone groups. Empty groups are dropped.
     """
-    spec = (("backbone", net.backbone, 1.0), ("head", net.head, 10.0))
+    spec = (("backbone", net.backbone, backbone_mult), ("head", net.head, 10.0))
     if classifier is not None:
         spec += (("classifier", classifier, 10.0),)
     covered: set[int] = set()

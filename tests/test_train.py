@@ -138,3 +138,34 @@ def test_cli_bad_config_key_suggests_the_closest(scenes, tmp_path, capsys):
         main(["train", str(scenes), "--out", str(tmp_path / "r"), "--set", "loss.lamda_a=2"])
     assert exc.value.code == 2
     assert "lambda_a" in capsys.readouterr().err
+
+
+def test_backbone_learning_rate_follows_pretraining():
+    from dataclasses import replace
+
+    from spml_deploy.training.train import Trainer, backbone_lr_mult
+
+    cfg = preset("points", "tiny", 4)
+    assert backbone_lr_mult(cfg) == 10.0                   # from scratch: the head's rate
+    assert backbone_lr_mult(replace(cfg, train=replace(cfg.train, pretrained="w.pth"))) == 1.0
+    assert backbone_lr_mult(replace(cfg, train=replace(cfg.train, backbone_lr_mult=2.0))) == 2.0
+    trainer = Trainer(cfg, 4, torch.device("cpu"))
+    mult = {g["name"]: g["lr_mult"] for g in trainer.opt.param_groups}
+    assert mult["backbone.weight"] == 10.0 and mult["backbone.bias"] == 20.0
+    assert mult["head.weight"] == 10.0 and isinstance(trainer.opt, torch.optim.SGD)
+
+
+def test_adamw_optimizer_and_unknown_name(scenes, tmp_path):
+    from dataclasses import replace
+
+    from spml_deploy.training.train import Trainer
+
+    cfg = preset("points", "tiny", 4)
+    adam = Trainer(replace(cfg, train=replace(cfg.train, optimizer="adamw")), 4, torch.device("cpu"))
+    assert isinstance(adam.opt, torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="optimizer"):
+        Trainer(replace(cfg, train=replace(cfg.train, optimizer="lbfgs")), 4, torch.device("cpu"))
+    run = tmp_path / "adam"
+    train(scenes, "points", run, overrides=_overrides(optimizer="adamw"), progress=False)
+    st = load_weights(run / "checkpoint.pt")
+    assert st["step"] == 4 and "exp_avg" in str(st["optimizer"]["state"])

@@ -47,6 +47,23 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return lr
 
 
+def backbone_lr_mult(cfg: RunConfig) -> float:
+    """The backbone's learning-rate multiplier: spec 6's x1 protects pretrained weights; a
+    backbone trained from scratch (the tiny preset, or no ``--pretrained``) learns at x10."""
+    if cfg.train.backbone_lr_mult > 0:
+        return cfg.train.backbone_lr_mult
+    return 1.0 if cfg.train.pretrained else 10.0
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (spec 6) or AdamW; both follow the same warm-up + poly schedule."""
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    raise ConfigError(f"unknown train.optimizer '{cfg.train.optimizer}'", fix="use sgd or adamw")
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
@@ -96,8 +113,9 @@ class Trainer:
                 self.net, self.f0 = self.module.net, self.module.f0
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay)
-        self.opt = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+        groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay,
+                              backbone_mult=backbone_lr_mult(cfg))
+        self.opt = make_optimizer(groups, cfg)
         self.memory = None
         if not cfg.train.baseline:
             from spml_deploy.training.spml_loss import MemoryBank
