@@ -16,10 +16,11 @@ Label codes at the embedding resolution: ``0..C-1`` labelled, ``C..254`` unlabel
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Callable, ContextManager, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -289,6 +290,7 @@ def spml_losses(
     chunk_size: int | None = None,
     update_memory: bool = True,
     loss_impl: Impl = "fused",
+    stage: Callable[[str], ContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """The SPML losses of one iteration (spec 5), and the memory update (spec 3.7).
 
@@ -301,6 +303,9 @@ def spml_losses(
     ``image_similarity_features``: ``psi`` (VOC: psi_i against nu_s) or ``phi`` (DensePose head);
     ``loss_impl``: ``fused`` (default) or ``generic`` implementation of the primitive
     (``training.losses``; same values), ``compat.subtractive_positive_sum`` always uses generic.
+    ``stage``: optional context-manager factory wrapped around the parts of the computation
+    (``kmeans``, ``pooling``, ``loss_fwd`` and inside it ``loss_fwd/I``, ``/A``, ``/C``, ``/O``);
+    ``benchmarks/train_step.py`` times the step with it. None = no hook.
 
     Returns a dict: ``loss`` (lambda-weighted sum, scalar tensor), ``L_I``, ``L_A``, ``L_C``,
     ``L_O`` (unweighted scalar tensors; ``L_O`` is 0 unless lambda_O > 0 and
@@ -322,17 +327,40 @@ def spml_losses(
         raise ConfigError(f"unknown image_similarity_features '{image_similarity_features}'",
                           fix="use 'psi' (VOC) or 'phi' (DensePose head)")
     C = int(num_classes)
-    labels = labels.long()
-    regions = regions.long()
-    if compat.unlabeled_as_void:
-        labels = torch.where(labels >= C, torch.full_like(labels, VOID), labels)
+    stage = stage or _no_stage
+    with stage("kmeans"):
+        labels = labels.long()
+        regions = regions.long()
+        if compat.unlabeled_as_void:
+            labels = torch.where(labels >= C, torch.full_like(labels, VOID), labels)
+        clusters = kmeans_clusters(phi_raw, labels != VOID, tuple(seg_cfg.train_grid),
+                                   seg_cfg.kmeans_iters, extra=color,
+                                   zero_centroid_for_empty=compat.zero_centroid_for_empty)
+    with stage("pooling"):
+        pool, current, segs, offset, mem, psi, phi, nu, mu, apply_o = _segment_pool(
+            phi_raw, labels, regions, tags, clusters, memory, loss_cfg, compat, color)
+    with stage("loss_fwd"):
+        res = _relationship_losses(phi_raw, phi, psi, mu, nu, labels, regions, tags, segs, pool,
+                                   offset, C, loss_cfg, compat, image_similarity_features,
+                                   chunk_size, loss_impl, apply_o, stage)
+        if memory is not None and update_memory:
+            memory.push(current)
+    res["num_memory"] = 0 if mem is None else len(mem)
+    return res
 
-    # -- segments ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _no_stage(_name: str) -> Iterator[None]:
+    yield
+
+
+def _segment_pool(phi_raw: Tensor, labels: Tensor, regions: Tensor, tags: Tensor,
+                  clusters: Tensor, memory: MemoryBank | None, loss_cfg: LossConfig,
+                  compat: CompatConfig, color: Tensor | None):
+    """Segments of the k-means clusters, their prototypes, the gathered pool (+ memory)."""
+    b, _, h, w = phi_raw.shape
     phi = l2_normalize(phi_raw, dim=1)
     psi = clustering_features(phi_raw, color)
-    clusters = kmeans_clusters(phi_raw, labels != VOID, tuple(seg_cfg.train_grid),
-                               seg_cfg.kmeans_iters, extra=color,
-                               zero_centroid_for_empty=compat.zero_centroid_for_empty)
     segs: Segments = form_segments(clusters, labels, regions, void=VOID)
     s = segs.num_segments
     mu = pool_prototypes(phi, segs.index, s)
@@ -351,7 +379,18 @@ def spml_losses(
     if mem is not None:
         mem = mem.to(phi.device, phi.dtype)
     pool = current if mem is None else SegmentPool.cat([current, mem])
+    return pool, current, segs, offset, mem, psi, phi, nu, mu, apply_o
 
+
+def _relationship_losses(phi_raw: Tensor, phi: Tensor, psi: Tensor, mu: Tensor, nu: Tensor,
+                         labels: Tensor, regions: Tensor, tags: Tensor, segs: Segments,
+                         pool: SegmentPool, offset: int, C: int, loss_cfg: LossConfig,
+                         compat: CompatConfig, image_similarity_features: str,
+                         chunk_size: int | None, loss_impl: Impl, apply_o: bool,
+                         stage: Callable[[str], ContextManager[Any]]) -> dict[str, Any]:
+    """The four relationships (spec 5.1-5.4) on the pool and their weighted sum."""
+    b, d, h, w = phi.shape
+    s = segs.num_segments
     # -- per-pixel data (kept pixels, image-major, row-major) ---------------------------------
     index = segs.index.reshape(-1)
     kept_flat = index >= 0
@@ -367,32 +406,36 @@ def spml_losses(
         feat_map, protos_i = psi, nu
     else:
         feat_map, protos_i = phi, mu
-    L_I = image_similarity_loss(
-        feat_map.flatten(2).transpose(1, 2), segs.index.reshape(b, h * w) >= 0,
-        segs.index.reshape(b, h * w), regions.reshape(b, h * w), protos_i, segs.batch, segs.region,
-        loss_cfg.kappa_i, subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
+    with stage("loss_fwd/I"):
+        L_I = image_similarity_loss(
+            feat_map.flatten(2).transpose(1, 2), segs.index.reshape(b, h * w) >= 0,
+            segs.index.reshape(b, h * w), regions.reshape(b, h * w), protos_i, segs.batch,
+            segs.region, loss_cfg.kappa_i, subtractive=sub, chunk_size=chunk_size,
+            impl=loss_impl)
 
     # (A) annotation: labelled pixels vs labelled segments (current + memory)
     lab_seg = (pool.label >= 0) & (pool.label < C)
     lab_px = lab_pix < C
     n_lab = int(lab_px.sum())
-    if n_lab > 0:
-        new_row = torch.cumsum(lab_seg.long(), 0) - 1
-        L_A = segsort_plus_loss(phi_pix[lab_px], lab_pix[lab_px], new_row[own[lab_px]],
-                                pool.mu[lab_seg], pool.label[lab_seg], loss_cfg.kappa_a,
-                                subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
-    else:
-        L_A = zero
+    with stage("loss_fwd/A"):
+        if n_lab > 0:
+            new_row = torch.cumsum(lab_seg.long(), 0) - 1
+            L_A = segsort_plus_loss(phi_pix[lab_px], lab_pix[lab_px], new_row[own[lab_px]],
+                                    pool.mu[lab_seg], pool.label[lab_seg], loss_cfg.kappa_a,
+                                    subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
+        else:
+            L_A = zero
 
     # (C) co-occurrence: all kept pixels vs all segments, foreground tags
     empty = "double_count" if compat.set_empty_tag_double_count else "skip"
     fg_tags = (tags[:, 1:] != 0)
-    if own.numel() > 0:
-        L_C = set_segsort_loss(phi_pix, fg_tags[batch_pix], own, pool.mu, pool.tags[:, 1:] != 0,
-                               loss_cfg.kappa_c, empty=empty, subtractive=sub,
-                               chunk_size=chunk_size, impl=loss_impl)
-    else:
-        L_C = zero
+    with stage("loss_fwd/C"):
+        if own.numel() > 0:
+            L_C = set_segsort_loss(phi_pix, fg_tags[batch_pix], own, pool.mu,
+                                   pool.tags[:, 1:] != 0, loss_cfg.kappa_c, empty=empty,
+                                   subtractive=sub, chunk_size=chunk_size, impl=loss_impl)
+        else:
+            L_C = zero
 
     # (O) feature affinity: propagated label sets
     L_O = zero
@@ -403,15 +446,13 @@ def spml_losses(
         expanded = propagate_labels(pool.prop, pool.batch, pool.prop, pool.label, pool.batch, C,
                                     top_k=AFFINITY_TOP_K, threshold=AFFINITY_THRESHOLD,
                                     same_image=True, unknown="ones")
-        L_O = set_segsort_loss(phi_pix, expanded[own], own, pool.mu, expanded, loss_cfg.kappa_o,
-                               empty=empty, subtractive=sub, chunk_size=chunk_size,
-                               impl=loss_impl)
+        with stage("loss_fwd/O"):
+            L_O = set_segsort_loss(phi_pix, expanded[own], own, pool.mu, expanded,
+                                   loss_cfg.kappa_o, empty=empty, subtractive=sub,
+                                   chunk_size=chunk_size, impl=loss_impl)
 
     loss = (loss_cfg.lambda_i * L_I + loss_cfg.lambda_a * L_A + loss_cfg.lambda_c * L_C
             + (loss_cfg.lambda_o * L_O if apply_o else 0.0))
-
-    if memory is not None and update_memory:
-        memory.push(current)
     return {"loss": loss, "L_I": L_I, "L_A": L_A, "L_C": L_C, "L_O": L_O,
-            "num_segments": s, "num_memory": 0 if mem is None else len(mem),
-            "num_pixels": int(own.numel()), "num_labelled_pixels": n_lab, "segments": segs}
+            "num_segments": s, "num_pixels": int(own.numel()), "num_labelled_pixels": n_lab,
+            "segments": segs}
