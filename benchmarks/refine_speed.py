@@ -1,4 +1,4 @@
-"""Random-walk refinement speed: dense squaring vs mat-vec steps vs sparse top-k vs auto.
+"""Random-walk refinement speed: dense squaring vs mat-vec steps vs sparse top-k vs Chebyshev vs auto.
 
 Target (issue 4): a fast CPU formulation at least 10x faster than the dense reference at
 N = 4096 cells (64x64 grid) with max abs difference <= 1e-4.
@@ -18,9 +18,15 @@ fraction of cells whose argmax label matches.
         [--regimes tight,medium,random] [--rounds 3] [--threads 1] [--device cpu|cuda]
         [--batch 1] [--tf32] [--out benchmarks/results/refine_speed.md]
 
+Methods: ``dense`` (the reference: 6 squarings), ``matvec`` (64 products [C, N] x [N, N]),
+``topk`` (approximate sparse top-k), ``cheb-dense`` (the certified Chebyshev walk with a dense
+affinity in every regime) and ``auto`` (what ``random_walk`` picks: on CPU the Chebyshev walk,
+with a thresholded sparse affinity where that is certified and sparse enough).
+
 On CUDA (not run on the development machine, which has no GPU) every method runs batched on the
 device: ``dense`` with torch.bmm squarings (TF32 with ``--tf32``), ``topk`` as one block-diagonal
-cuSPARSE CSR product per step; timings use torch.cuda.synchronize.
+cuSPARSE CSR product per step, the Chebyshev walk with torch.bmm / cuSPARSE products; timings
+use torch.cuda.synchronize.
 """
 from __future__ import annotations
 
@@ -40,7 +46,18 @@ import torch.nn.functional as F
 from spml_deploy import refine as R
 
 REGIMES = {"tight": 0.3, "medium": 0.6, "random": 100.0}
-METHODS = ("dense", "matvec", "topk", "auto")
+METHODS = ("dense", "matvec", "topk", "cheb-dense", "auto")
+
+
+def walk(M: torch.Tensor, phi: torch.Tensor, method: str) -> tuple[torch.Tensor, R.WalkReport]:
+    """One walk with ``method``; ``cheb-dense`` is the Chebyshev walk with the sparse shortcut
+    off (dense affinity in every regime), ``auto`` what the library picks."""
+    if method == "cheb-dense":
+        report = R.WalkReport()
+        return R.random_walk_chebyshev(M, phi, sparse=False, report=report), report
+    out = R.random_walk(M, phi, method=method, return_report=True)
+    assert isinstance(out, tuple)
+    return out
 
 
 def make_inputs(batch: int, side: int, C: int, sigma: float, seed: int = 0
@@ -102,10 +119,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 walls: dict[str, list[float]] = {m: [] for m in METHODS}
                 cpus: dict[str, list[float]] = {m: [] for m in METHODS}
                 results: dict[str, tuple[torch.Tensor, R.WalkReport]] = {}
-                R.random_walk(M, phi, method="topk")  # warm-up (allocator, sparse kernels)
+                for m in ("topk", "auto"):  # warm-up (allocator, sparse kernels, oneDNN check)
+                    walk(M, phi, m)
                 for _ in range(args.rounds):
                     for m in METHODS:
-                        w, c, res = timed(lambda: R.random_walk(M, phi, method=m, return_report=True), device)
+                        w, c, res = timed(lambda: walk(M, phi, m), device)
                         walls[m].append(w / args.batch)
                         cpus[m].append(c / args.batch)
                         results[m] = res  # type: ignore[assignment]
@@ -139,14 +157,20 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float
         f"* Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} -- the development "
         "machine is shared with other jobs, so wall times are noisy; methods run interleaved in "
         f"{args.rounds} rounds and the speed-up is the median of per-round ratios.",
-        *(["* The CUDA path (`--device cuda`: batched bmm squarings, cuSPARSE top-k) is implemented but "
-           "was not run here: this machine has no GPU."] if args.device == "cpu" else []),
+        *(["* The CUDA path (`--device cuda`: batched bmm squarings, cuSPARSE top-k, Chebyshev with bmm / "
+           "cuSPARSE) is implemented but was not run here: this machine has no GPU."]
+          if args.device == "cpu" else []),
+        "* Methods: `dense` the reference (6 squarings); `matvec` 64 products [C, N] x [N, N]; `topk` "
+        "sparse top-32 (approximate); `cheb-dense` the certified Chebyshev walk with a dense affinity "
+        "in every regime; `auto` what `random_walk` picks (on CPU for N > 400: the Chebyshev walk, "
+        "`chebyshev-sparse` where a thresholded sparse affinity is certified and sparse enough).",
         "* Times are per image, median over rounds; `cpu s` is process CPU time (all threads). With one "
         "thread, CPU time is what the run costs when it has its core to itself (it excludes the time "
         "other jobs held the core), so the CPU-time speed-up is the steadier number here.",
         "* `max diff`: max abs difference of the walked score maps (values in [0, 1]) from the float64 "
-        "walk; `agree`: cells with the same argmax label; `bound`: the certified truncation bound of "
-        "the method (see `spml_deploy/refine.py`); `used`: what `auto` chose.",
+        "walk; `agree`: cells with the same argmax label; `bound`: the certified bound of the method "
+        "(truncation, plus the polynomial for the Chebyshev walk; float rounding excluded; see "
+        "`spml_deploy/refine.py`); `used`: what `auto` chose.",
         "",
         "| N | C | regime | method | wall ms / image | cpu s / image | speed-up (wall) | speed-up (cpu) "
         "| max diff | agree % | bound | used |",
@@ -158,7 +182,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float
             f"{r['speedup']:.1f}x | {r['speedup_cpu']:.1f}x | {r['maxdiff']:.1e} | {100 * r['agree']:.2f} | {r['bound']:.1e} | {r['used']} |")
     nmax = max(x["N"] for x in rows)
     lines.append("")
-    for m in ("matvec", "topk", "auto"):
+    for m in METHODS[1:]:
         big = [r for r in rows if r["N"] == nmax and r["method"] == m]
         if big:
             lines.append(

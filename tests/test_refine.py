@@ -15,6 +15,17 @@ from spml_deploy import refine as R
 BETA, ALPHA = 5.0, 20.0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread for this module: the walks here are chains of many small products, which
+    on a machine whose cores are shared with other jobs spend most of their time waiting for
+    each other's threads (results do not depend on the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def clustered(batch: int, h: int, w: int, sigma: float, C: int = 21, K: int = 5, D: int = 64,
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Realistic walk inputs: K Voronoi regions, each a random unit direction plus noise of
@@ -87,8 +98,11 @@ def test_two_cell_walk_by_hand():
     torch.testing.assert_close(R.random_walk_dense(M, phi, squarings=3), expected(8))
     torch.testing.assert_close(R.random_walk_steps(M, phi, steps=1), expected(1))
     torch.testing.assert_close(R.random_walk_steps(M, phi, steps=0), M)
-    for method in R.METHODS:
-        torch.testing.assert_close(R.random_walk(M, phi, method=method), expected(64))
+    for method in R.METHODS:  # tol: the Chebyshev walk's certified budget (exact at 1e-12)
+        torch.testing.assert_close(R.random_walk(M, phi, method=method, tol=1e-12), expected(64))
+    # at the default tol the Chebyshev walk is within its certified bound of the exact walk
+    out, report = R.random_walk(M, phi, method="chebyshev", return_report=True)
+    assert (out - expected(64)).abs().max() <= report.bounds[0] + 1e-12
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,23 +173,171 @@ def test_auto_on_cpu_picks_per_image_and_stays_within_tol():
     (Mt, pt, rt), (Ml, pl, rl) = case32("tight"), case32("loose")
     M, phi, ref = torch.cat([Mt, Ml]), torch.cat([pt, pl]), torch.cat([rt, rl])
     out, report = R.random_walk(M, phi, method="auto", tol=1e-4, return_report=True)
-    assert report.methods == ["matvec", "topk"]
-    assert max(report.bounds) <= 1e-4
-    assert (out.double() - ref).abs().max() <= 1e-4 + 2e-5  # tol + float32 rounding
-    # small grids (N <= 24 C) use the dense squarings
+    # clustered: dense affinity; well separated: thresholded sparse affinity
+    assert report.methods == ["chebyshev", "chebyshev-sparse"]
+    assert max(report.bounds) <= 5e-5  # tol / 2
+    err = (out.double() - ref).abs().amax(dim=(1, 2))
+    assert (err <= torch.tensor(report.bounds, dtype=torch.float64) + 2e-5).all()
+    assert err.max() <= 1e-4
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    # small grids (N <= 400) use the dense squarings
     _, small = R.random_walk(M[:, :2, :40], phi[:, :, :40], method="auto", return_report=True)
     assert small.methods == ["dense", "dense"]
 
 
-def test_fast_paths_agree_at_64x64():
-    # N = 4096: the float32 mat-vec walk is the reference here (float64 dense squaring would
-    # take minutes on 2 cores; mat-vec == dense is shown above and in the benchmark).
-    M, phi, _ = clustered(1, 64, 64, 1.0, C=7, seed=7)
-    ref = R.random_walk(M, phi, method="matvec").double()
-    out, report = R.random_walk(M, phi, method="auto", return_report=True)
-    assert report.methods == ["topk"] and report.bounds[0] <= 1e-4
-    assert (out.double() - ref).abs().max() <= 1e-4
-    assert (out.argmax(1) == ref.argmax(1)).double().mean() >= 0.999
+# --------------------------------------------------------------------------------------------
+# the Chebyshev walk
+
+
+def test_power_coefficients_reproduce_the_power():
+    for steps in (1, 8, 64):
+        for lower in (0.0, R.CHEB_LOWER):
+            c, tails = R._power_coeffs(steps, lower)
+            x = np.linspace(lower, 1.0, 101)
+            y = (2 * x - 1 - lower) / (1 - lower)
+            np.testing.assert_allclose(np.polynomial.chebyshev.chebval(y, c), x ** steps,
+                                       rtol=0, atol=1e-13)
+            assert min(c) >= -1e-14 and tails[-1] == 0.0
+            assert all(a >= b for a, b in zip(tails, tails[1:]))
+    # the truncated series whose c_0 takes the tail: p(1) = 1 and max |p - x^64| <= tails[m],
+    # and the bound is not loose by more than 2x
+    c, tails = R._power_coeffs(64, R.CHEB_LOWER)
+    x = np.linspace(R.CHEB_LOWER, 1.0, 200001)
+    y = (2 * x - 1 - R.CHEB_LOWER) / (1 - R.CHEB_LOWER)
+    for m in (10, 20, 27):
+        cm = np.array(c[: m + 1])
+        cm[0] += tails[m] / 2
+        assert abs(np.polynomial.chebyshev.chebval(1.0, cm) - 1.0) < 1e-14
+        err = np.abs(np.polynomial.chebyshev.chebval(y, cm) - x ** 64).max()
+        assert tails[m] / 2 <= err <= tails[m]
+    # the degree is the smallest that meets the target, far below the 64 steps
+    for target in (1e-3, 1e-6, 1e-9):
+        m = R.chebyshev_degree(64, target)
+        assert tails[m] <= target < tails[m - 1]
+    assert R.chebyshev_degree(64, 1e-6) <= 30
+    assert R.chebyshev_degree(64, 0.0) == 64 and R.chebyshev_degree(5, 1e-30) == 5
+
+
+def test_chebyshev_series_is_the_polynomial_of_the_transition():
+    # T = D^1/2 S D^-1/2 with S symmetric: x p(T) through the eigendecomposition of S
+    g = torch.Generator().manual_seed(3)
+    phi = F.normalize(torch.randn(1, 4, 12, generator=g, dtype=torch.float64), dim=1)
+    A = R.affinity(phi, beta=1.0, alpha=1.0)[0]  # a PSD kernel with strong off-diagonal mass
+    d = A.sum(0)
+    x = torch.rand(1, 3, 12, generator=g, dtype=torch.float64)
+    lam, V = torch.linalg.eigh(A / torch.outer(d.sqrt(), d.sqrt()))
+    assert lam.min() >= -1e-12 and lam.max() <= 1 + 1e-12
+    c, tails = R._power_coeffs(16, R.CHEB_LOWER)
+    for m in (3, 9, 16):
+        cm = np.array(c[: m + 1])
+        cm[0] += tails[m] / 2
+        plam = torch.from_numpy(np.polynomial.chebyshev.chebval(
+            (2 * lam.numpy() - 1 - R.CHEB_LOWER) / (1 - R.CHEB_LOWER), cm))
+        pT = d.sqrt()[:, None] * (V * plam) @ V.T / d.sqrt()[None, :]
+        out = R._chebyshev_series(x, lambda v: v @ A.T, 1.0 / d, 16, m, R.CHEB_LOWER)
+        torch.testing.assert_close(out[0], x[0] @ pT, atol=1e-12, rtol=0)
+    exact = x[0] @ torch.linalg.matrix_power(A / d[None, :], 16)
+    torch.testing.assert_close(out[0], exact, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_chebyshev_within_certified_bound_32x32(regime):
+    M, phi, ref = case32(regime)
+    for sparse in (True, False):
+        report = R.WalkReport()
+        out64 = R.random_walk_chebyshev(M.double(), phi.double(), sparse=sparse, report=report)
+        err = (out64 - ref).abs().max().item()
+        assert report.bounds[0] <= 5e-5 and err <= report.bounds[0] + 1e-9, (sparse, err, report)
+        if not sparse:
+            assert report.methods == ["chebyshev"]
+        report = R.WalkReport()
+        out32 = R.random_walk_chebyshev(M, phi, sparse=sparse, report=report)
+        assert out32.dtype == torch.float32
+        err32 = (out32.double() - ref).abs().max().item()
+        assert err32 <= report.bounds[0] + 2e-5 and err32 <= 1e-4, (sparse, err32)
+        assert torch.equal(out32.argmax(1), ref.argmax(1))
+    # the thresholded sparse affinity where the walk is local, dense where it mixes
+    _, rep = R.random_walk(M, phi, method="chebyshev", return_report=True)
+    assert rep.methods == ["chebyshev" if regime in ("tight", "mid") else "chebyshev-sparse"]
+
+
+def test_chebyshev_tolerance_is_the_knob():
+    M, phi, ref = case32("tight")
+    errs = []
+    for tol in (1e-2, 1e-4, 1e-8):
+        out, report = R.random_walk(M.double(), phi.double(), method="chebyshev", tol=tol,
+                                    return_report=True)
+        err = (out - ref).abs().max().item()
+        assert err <= report.bounds[0] + 1e-9 and report.bounds[0] <= tol / 2
+        errs.append(err)
+    assert errs[0] > errs[1] > errs[2]  # a lower degree is really less accurate
+
+
+def test_chebyshev_fallbacks_give_the_same_walk(monkeypatch):
+    M, phi, ref = case32("tight")
+    M, phi = M.double(), phi.double()
+    dense = R.random_walk_chebyshev(M, phi, sparse=False)
+    # everything sparse (tight: ~30% of the entries kept) is still within the bound
+    monkeypatch.setattr(R, "SPARSE_MAX_DENSITY", 1.0)
+    report = R.WalkReport()
+    out = R.random_walk_chebyshev(M, phi, report=report)
+    assert report.methods == ["chebyshev-sparse"]
+    assert (out - ref).abs().max() <= report.bounds[0] + 1e-9
+    # the sampled rows (every 4th cell) are isolated, the others one cluster: the sample says
+    # sparse, the running count says dense -> rebuilt dense, the same walk as dense from the start
+    g = torch.Generator().manual_seed(5)
+    p = F.normalize(torch.randn(1, 16, 1024, generator=g, dtype=torch.float64), dim=1)
+    one = F.normalize(torch.ones(1, 16, 1, dtype=torch.float64), dim=1)
+    p[:, :, torch.arange(1024) % 4 != 0] = one
+    monkeypatch.setattr(R, "SPARSE_MAX_DENSITY", 0.1)
+    report = R.WalkReport()
+    out = R.random_walk_chebyshev(M[:, :3], p, report=report)
+    assert report.methods == ["chebyshev"]
+    dense3 = R.random_walk_chebyshev(M[:, :3], p, sparse=False)
+    torch.testing.assert_close(out, dense3, atol=1e-12, rtol=0)
+    # torch.bmm instead of oneDNN (the CUDA path) and one block of N rows (as on CUDA)
+    monkeypatch.setattr(R, "_onednn_linear_ok", lambda: False)
+    monkeypatch.setattr(R, "AFFINITY_BLOCK_ROWS", 1 << 20)
+    bmm = R.random_walk_chebyshev(M, phi, sparse=False)
+    torch.testing.assert_close(bmm, dense, atol=1e-12, rtol=0)
+    out32 = R.random_walk_chebyshev(M.float(), phi.float(), sparse=False)
+    assert (out32.double() - dense).abs().max() <= 2e-5
+
+
+def test_affinity_rows_match_the_affinity():
+    g = torch.Generator().manual_seed(6)
+    p1 = F.normalize(torch.randn(2, 8, 300, generator=g, dtype=torch.float64) + 2.0, dim=1)
+    p2 = F.normalize(torch.randn(2, 8, 300, generator=g, dtype=torch.float64) + 2.0, dim=1)
+    valid = torch.rand(300, generator=g) > 0.1
+    A = R.affinity([p1, p2], valid=valid[None].expand(2, -1), min_affinity=R.MIN_AFFINITY)[1]
+    lo = math.log(R.MIN_AFFINITY)
+    full = R._affinity_rows([p1, p2], 1, valid, 100.0, lo, 0.0, 0, 64,
+                            lambda: torch.empty(300, 300, dtype=torch.float64))
+    assert full.csr is None and torch.equal(full.dropped, torch.zeros(300, dtype=torch.float64))
+    torch.testing.assert_close(full.diag, A.diagonal(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(full.dense + torch.diag(full.diag), A, atol=2e-12, rtol=1e-12)
+    torch.testing.assert_close(full.d, A.sum(1), atol=1e-12, rtol=1e-12)
+    tau = 1e-3
+    sp = R._affinity_rows([p1, p2], 1, valid, 100.0, lo, tau, 300 * 300, 64, None)
+    crow, col, val = sp.csr
+    S = torch.sparse_csr_tensor(crow, col, val, size=(300, 300), check_invariants=True).to_dense()
+    off = A - torch.diag(A.diagonal())
+    torch.testing.assert_close(S, torch.where(off >= tau, off, 0.0), atol=1e-12, rtol=1e-12)
+    assert (sp.dropped >= torch.where(off < tau, off, 0.0).sum(1)).all()  # a valid bound
+    torch.testing.assert_close(sp.d, A.sum(1), atol=1e-12, rtol=1e-12)
+
+
+def test_chebyshev_constant_rows_and_mixed_batch():
+    (Mt, pt, rt), (Mr, pr, rr) = case32("tight"), case32("random")
+    M, phi, ref = torch.cat([Mt, Mr]).double(), torch.cat([pt, pr]).double(), torch.cat([rt, rr])
+    M[:, 3] = 0.0   # an absent class
+    M[:, 5] = 0.25  # a constant row
+    ref[:, 3], ref[:, 5] = 0.0, 0.25
+    out, report = R.random_walk(M, phi, method="chebyshev", return_report=True)
+    assert report.methods == ["chebyshev", "chebyshev-sparse"]
+    assert torch.equal(out[:, 3], M[:, 3]) and torch.equal(out[:, 5], M[:, 5])
+    err = (out - ref).abs().amax(dim=(1, 2))
+    assert (err <= torch.tensor(report.bounds, dtype=torch.float64) + 1e-9).all()
 
 
 def test_valid_mask_excludes_padding():
@@ -187,7 +349,7 @@ def test_valid_mask_excludes_padding():
     sub = lambda x: x.view(x.shape[0], x.shape[1], h, w)[..., :wv].flatten(2)  # noqa: E731
     expected = R.random_walk_dense(sub(M), sub(phi))
     for method in R.METHODS:
-        out = R.random_walk(M, phi, method=method, valid=valid.flatten(1))
+        out = R.random_walk(M, phi, method=method, valid=valid.flatten(1), tol=1e-12)
         torch.testing.assert_close(sub(out), expected, atol=1e-9, rtol=0)
         pad = ~valid.flatten(1)
         torch.testing.assert_close(out[:, :, pad[0]], M[:, :, pad[0]])  # padding untouched
@@ -195,7 +357,7 @@ def test_valid_mask_excludes_padding():
 
 def test_chunking_does_not_change_results():
     M, phi, _ = clustered(3, 8, 8, 0.5, C=3, seed=9)
-    for method in ("dense", "matvec", "topk"):
+    for method in ("dense", "matvec", "topk", "chebyshev"):
         a = R.random_walk(M.double(), phi.double(), method=method)
         b = R.random_walk(M.double(), phi.double(), method=method, max_bytes=1)
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -250,7 +412,7 @@ def test_refine_labels_cleans_noisy_scores():
     # per-class max normalisation: rescaling a class does not change the result
     scaled = prob * torch.tensor([1.0, 0.2, 3.0, 1.0])[None, :, None, None]
     assert torch.equal(R.refine_labels(scaled, phi, present, (64, 64), method="dense"), labels)
-    for method in ("matvec", "topk", "auto"):
+    for method in ("matvec", "topk", "chebyshev", "auto"):
         assert torch.equal(R.refine_labels(prob, phi, present, (64, 64), method=method), labels)
 
 
@@ -292,3 +454,24 @@ def test_refine_labels_batched_and_float64():
                            method="dense")
     assert torch.equal(both[:1], R.refine_labels(prob.double(), phi.double(), method="dense"))
     assert torch.equal(both[1:], R.refine_labels(prob2.double(), phi2.double(), method="dense"))
+
+
+def test_refine_labels_large_grid_uses_chebyshev():
+    # a 256x256 image: a 32x32 walk grid (N = 1024 > 400 cells), padding on the right, two
+    # passes of embeddings: `auto` (the Chebyshev walk) gives the dense reference's labels
+    M, phi, _ = clustered(1, 32, 32, 0.45, C=5, seed=12)
+    prob = F.interpolate(M.view(1, 5, 32, 32), size=(256, 256), mode="bilinear",
+                         align_corners=False)
+    emb = phi.view(1, 64, 32, 32)
+    noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
+    passes = [emb, F.normalize(emb + 0.05 * noise, dim=1)]
+    valid = torch.ones(1, 256, 256, dtype=torch.bool)
+    valid[..., 200:] = False
+    present = torch.tensor([[True, True, False, True, True]])
+    ref_labels, ref_up = R.refine_labels(prob, passes, present, valid=valid, method="dense",
+                                         return_scores=True)
+    labels, up = R.refine_labels(prob, passes, present, valid=valid, method="auto",
+                                 return_scores=True)
+    assert (up - ref_up).abs().max() <= 1e-4
+    assert (labels != ref_labels).float().mean() <= 1e-3  # ties within 1e-4 may flip
+    assert not (labels == 2).any()  # the absent class
