@@ -8,7 +8,9 @@ an interrupted job without redoing finished images; a bad image is reported and 
 """
 from __future__ import annotations
 
+import functools
 import glob as _glob
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from spml_deploy.errors import SpmlError
@@ -70,11 +73,26 @@ def label_path(out: Path, rel: str) -> Path:
 
 def overlay_image(image: np.ndarray, labels: np.ndarray, palette: list[list[int]],
                   alpha: float = 0.5) -> np.ndarray:
-    """Blend the class colours over the image (uint8 RGB [H, W, 3])."""
+    """Blend the class colours over the image: uint8 RGB [H, W, 3] from the image (uint8 RGB
+    [H, W, 3]) and its label map (uint8 [H, W]).
+
+    Every output value is ``uint8(v * (1 - alpha) + c * alpha)`` (float64, truncated) of an
+    image value ``v`` and a colour value ``c``; the 256 x 256 possible results are tabulated
+    once per ``alpha`` and looked up.
+    """
     pal = np.zeros((256, 3), np.uint8)
     pal[: len(palette)] = np.asarray(palette, np.uint8)[:256]
     colour = pal[labels]
-    return (image * (1 - alpha) + colour * alpha).astype(np.uint8)
+    index = (np.asarray(image, np.uint8).astype(np.uint16) << 8) | colour
+    return _blend_table(float(alpha)).ravel()[index]
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_table(alpha: float) -> np.ndarray:
+    """uint8 [256, 256]: entry [v, c] = ``uint8(v * (1 - alpha) + c * alpha)`` in float64."""
+    v = np.arange(256, dtype=np.uint8)[:, None]
+    c = np.arange(256, dtype=np.uint8)[None, :]
+    return (v * (1 - alpha) + c * alpha).astype(np.uint8)
 
 
 @dataclass
@@ -159,7 +177,9 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
                disable=not progress, dynamic_ncols=True)
     results_f = open(out / "results.jsonl", "a")
     try:
-        with ThreadPoolExecutor(max_workers=2) as readers, ThreadPoolExecutor(max_workers=2) as writers:
+        io_threads = _io_threads()
+        with ThreadPoolExecutor(max_workers=io_threads) as readers, \
+                ThreadPoolExecutor(max_workers=io_threads) as writers:
             writes: list[Future] = []
             for group in _batches(todo, batch, readers):
                 good = []
@@ -189,6 +209,7 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
                 for w in done_writes:
                     _finish(w, results_f, report)
                     writes.remove(w)
+                results_f.flush()
                 bar.update(len(good))
             for w in writes:
                 _finish(w, results_f, report)
@@ -207,17 +228,18 @@ def _write(out: Path, it: InputItem, image: np.ndarray, res, palette, overlay: b
     labels = res.labels
     write_label_png(label_path(out, it.rel), labels, palette)
     if overlay:
-        from PIL import Image
-        import io
-
+        # zlib level 1: same pixels, ~3x faster to encode than the default level 6 for photos
+        # (files ~15% larger); the overlay is a visual aid, the label map keeps the default.
         buf = io.BytesIO()
-        Image.fromarray(overlay_image(image, labels, palette)).save(buf, format="PNG")
+        Image.fromarray(overlay_image(image, labels, palette)).save(buf, format="PNG",
+                                                                    compress_level=1)
         atomic_write_bytes(out / "overlays" / (it.rel.rsplit(".", 1)[0] + ".png"), buf.getvalue())
-    ids, counts = np.unique(labels, return_counts=True)
+    counts = np.bincount(labels.ravel(), minlength=256)
+    ids = np.flatnonzero(counts)
     names = res.class_names
     record = {"path": str(it.path), "label": str(label_path(out, it.rel)),
               "size": [int(labels.shape[1]), int(labels.shape[0])],
-              "classes": {names[i] if i < len(names) else str(i): int(c) for i, c in zip(ids, counts)},
+              "classes": {names[i] if i < len(names) else str(i): int(counts[i]) for i in ids},
               "timings_ms": {k: round(1000 * v, 3) for k, v in res.timings.items()}}
     return record, time.perf_counter() - t
 
@@ -226,5 +248,14 @@ def _finish(fut: Future, results_f, report: JobReport) -> None:
     record, dt = fut.result()
     report.stages["write"] += dt
     results_f.write(json.dumps(record) + "\n")
-    results_f.flush()
     report.done += 1
+
+
+def _io_threads() -> int:
+    """Reader and writer threads each: decoding and PNG encoding release the GIL, so they scale
+    with the CPUs (a GPU job needs several to keep up with the network); 2 at least, 8 at most."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(2, min(8, cpus // 2))

@@ -20,6 +20,7 @@ Conventions
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -330,14 +331,26 @@ def encode_label_png(labels: np.ndarray, palette: list[tuple[int, int, int]] | N
         if labels.size and (labels.min() < 0 or labels.max() > 255):
             raise ValueError(f"labels must lie in 0..255, got {labels.min()}..{labels.max()}")
         labels = labels.astype(np.uint8)
-    colours = default_palette(256)
-    for i, rgb in enumerate(list(palette or [])[:256]):
-        colours[i] = tuple(int(v) for v in rgb)
     im = Image.fromarray(np.ascontiguousarray(labels))
-    im.putpalette([v for rgb in colours for v in rgb])
+    im.putpalette(_palette_bytes(palette))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_palette_bytes() -> bytes:
+    return bytes(v for rgb in default_palette(256) for v in rgb)
+
+
+def _palette_bytes(palette: list[tuple[int, int, int]] | None) -> bytes:
+    """The 768-byte RGB palette of a label PNG: ``palette`` for ids 0..len-1 (at most 256),
+    :func:`default_palette` for the rest."""
+    out = bytearray(_default_palette_bytes())
+    colours = list(palette or [])[:256]
+    if colours:
+        out[: 3 * len(colours)] = bytes(int(v) for rgb in colours for v in rgb)
+    return bytes(out)
 
 
 def write_label_png(path: str | Path, labels: np.ndarray,

@@ -39,18 +39,57 @@ def target_size(h: int, w: int, pp: PreprocessConfig) -> tuple[tuple[int, int], 
     return (h, w), (int(math.ceil(h / m) * m), int(math.ceil(w / m) * m))
 
 
-def preprocess(image: np.ndarray, pp: PreprocessConfig) -> tuple[np.ndarray, Prepared]:
-    """RGB uint8 [H, W, 3] -> normalised float32 [3, S, S'] padded with the mean (zeros), + meta."""
+def resize_for_network(image: np.ndarray, pp: PreprocessConfig) -> tuple[np.ndarray, Prepared]:
+    """RGB uint8 [H, W, 3] -> the resized uint8 image [rh, rw, 3] (area filter when shrinking,
+    bilinear when enlarging; the image itself when the size is kept) + its meta."""
     h, w = image.shape[:2]
     (rh, rw), (ph, pw) = target_size(h, w, pp)
     if (rh, rw) != (h, w):
         interp = cv2.INTER_AREA if rh < h else cv2.INTER_LINEAR
         image = cv2.resize(image, (rw, rh), interpolation=interp)
+    return image, Prepared((h, w), (rh, rw), (ph, pw))
+
+
+def preprocess(image: np.ndarray, pp: PreprocessConfig) -> tuple[np.ndarray, Prepared]:
+    """RGB uint8 [H, W, 3] -> normalised float32 [3, S, S'] padded with the mean (zeros), + meta."""
+    image, prep = resize_for_network(image, pp)
+    (rh, rw), (ph, pw) = prep.resized_hw, prep.padded_hw
     x = (image.astype(np.float32) * np.float32(pp.scale) - np.asarray(pp.mean, np.float32)) \
         / np.asarray(pp.std, np.float32)
     out = np.zeros((3, ph, pw), np.float32)
     out[:, :rh, :rw] = x.transpose(2, 0, 1)
-    return out, Prepared((h, w), (rh, rw), (ph, pw))
+    return out, prep
+
+
+def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[Prepared]]:
+    """A batch of RGB uint8 images (any sizes) -> the network input on ``device``, + metas.
+
+    Returns normalised float32 [B, 3, PH, PW] (PH, PW: the largest padded size of the batch),
+    every image at the top-left corner and zeros elsewhere: the same values as stacking
+    :func:`preprocess` of each image. The images are resized on the host and sent to the device
+    as uint8 (a quarter of the bytes; pinned memory on CUDA); the normalisation runs there, with
+    the same float32 operations in the same order as :func:`preprocess`.
+    """
+    device = torch.device(device)
+    resized = [resize_for_network(im, pp) for im in images]
+    ph = max(p.padded_hw[0] for _, p in resized)
+    pw = max(p.padded_hw[1] for _, p in resized)
+    host = torch.zeros((len(images), ph, pw, 3), dtype=torch.uint8,
+                       pin_memory=device.type == "cuda")
+    buf = host.numpy()
+    for i, (im, p) in enumerate(resized):
+        buf[i, : p.resized_hw[0], : p.resized_hw[1]] = im
+    u = host.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()   # [B, 3, PH, PW]
+    mean = torch.tensor(pp.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pp.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    scale = torch.tensor(pp.scale, dtype=torch.float32, device=device)
+    x = u.float().mul_(scale).sub_(mean).div_(std)
+    rows = torch.tensor([p.resized_hw[0] for _, p in resized], device=device)
+    cols = torch.tensor([p.resized_hw[1] for _, p in resized], device=device)
+    inside = ((torch.arange(ph, device=device)[None, :, None] < rows[:, None, None])
+              & (torch.arange(pw, device=device)[None, None, :] < cols[:, None, None]))
+    return x.masked_fill_(~inside[:, None], 0.0), [p for _, p in resized]
 
 
 def upsample_to_input(t: torch.Tensor, prep: Prepared) -> torch.Tensor:
@@ -63,11 +102,41 @@ def upsample_to_input(t: torch.Tensor, prep: Prepared) -> torch.Tensor:
 
 
 def labels_to_original(labels: np.ndarray, prep: Prepared) -> np.ndarray:
-    """Label map at the resized size -> original size (nearest), uint8."""
+    """Label map at the resized size -> original size (nearest), uint8 (a new C-contiguous
+    array; never a view of ``labels``)."""
     h, w = prep.orig_hw
     if labels.shape != (h, w):
-        labels = cv2.resize(labels.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-    return labels.astype(np.uint8)
+        return cv2.resize(np.ascontiguousarray(labels, np.uint8), (w, h),
+                          interpolation=cv2.INTER_NEAREST)
+    return np.array(labels, np.uint8, order="C")
+
+
+def class_argmax(scores: torch.Tensor) -> np.ndarray:
+    """Per-pixel class of a score map: ``scores.argmax(1)`` as uint8, on the host.
+
+    ``scores``: [B, C, H, W] (C <= 256) on any device -> uint8 [B, H, W] numpy array, the first
+    maximum on ties (like ``torch.argmax``). On CUDA it is ``torch.argmax`` plus one copy to the
+    host. On the CPU ``torch.argmax`` over a non-innermost dimension is slow (in the segment
+    job it took 5-15x longer than this), so the same result comes from one running maximum over
+    the classes in numpy: a class replaces the current winner only where it is strictly larger,
+    which keeps the first maximum. (A NaN score never wins here, where ``torch.argmax`` would
+    pick it; score maps from the classifiers hold no NaN.)
+    """
+    if scores.dim() != 4 or scores.shape[1] > 256:
+        raise ValueError("class_argmax: scores must be [B, C<=256, H, W], got "
+                         f"{tuple(scores.shape)}")
+    if scores.device.type != "cpu":
+        return scores.argmax(1).to(torch.uint8).cpu().numpy()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    s = scores.detach().numpy()
+    best = s[:, 0].copy()
+    idx = np.zeros(best.shape, np.uint8)
+    for c in range(1, s.shape[1]):
+        wins = s[:, c] > best
+        np.maximum(best, s[:, c], out=best)
+        idx[wins] = c
+    return idx
 
 
 @torch.no_grad()
@@ -162,22 +231,16 @@ class Pipeline:
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Label maps for a list of RGB uint8 images (any sizes)."""
         t = time.perf_counter()
-        prepped = [preprocess(im, self.pp) for im in images]
-        ph = max(p.padded_hw[0] for _, p in prepped)
-        pw = max(p.padded_hw[1] for _, p in prepped)
-        x = np.zeros((len(images), 3, ph, pw), np.float32)
-        for i, (arr, _) in enumerate(prepped):
-            x[i, :, : arr.shape[1], : arr.shape[2]] = arr
-        xt = torch.from_numpy(x)
-        if self.device.type == "cuda":
-            xt = xt.pin_memory().to(self.device, non_blocking=True)
+        xt, prepped = prepare_batch(images, self.pp, self.device)
+        ph, pw = xt.shape[-2:]
         t = self._tick("read+preprocess", t)
         phi, logits = self.backend(xt)
         t = self._tick("network", t)
         B, _, h, w = phi.shape
-        valid = torch.zeros(B, h, w, dtype=torch.bool, device=phi.device)
-        for i, (_, p) in enumerate(prepped):
-            valid[i, : -(-p.resized_hw[0] // 4), : -(-p.resized_hw[1] // 4)] = True
+        rows = torch.tensor([-(-p.resized_hw[0] // 4) for p in prepped], device=phi.device)
+        cols = torch.tensor([-(-p.resized_hw[1] // 4) for p in prepped], device=phi.device)
+        valid = ((torch.arange(h, device=phi.device)[None, :, None] < rows[:, None, None])
+                 & (torch.arange(w, device=phi.device)[None, None, :] < cols[:, None, None]))
         if self.opt.classifier == "softmax":
             scores = torch.softmax(logits.float(), dim=1)
         else:
@@ -186,14 +249,15 @@ class Pipeline:
         if self.opt.refine:
             scores = self._refine(scores, phi, valid)
             t = self._tick("refine", t)
+        up = F.interpolate(scores, size=(ph, pw), mode="bilinear", align_corners=False)
+        labels = class_argmax(up)                                        # [B, ph, pw] uint8
         results = []
-        for i, (_, p) in enumerate(prepped):
-            s = F.interpolate(scores[i: i + 1], size=(ph, pw), mode="bilinear", align_corners=False)
-            s = s[0, :, : p.resized_hw[0], : p.resized_hw[1]]
-            lab = labels_to_original(s.argmax(0).to(torch.uint8).cpu().numpy(), p)
+        for i, p in enumerate(prepped):
+            rh, rw = p.resized_hw
+            lab = labels_to_original(labels[i, :rh, :rw], p)
             keep = None
             if self.opt.keep_scores:
-                keep = F.interpolate(s[None], size=p.orig_hw, mode="bilinear",
+                keep = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw, mode="bilinear",
                                      align_corners=False)[0].cpu().numpy()
             results.append(Prediction(lab, self.class_names, {}, keep))
         t = self._tick("postprocess", t)

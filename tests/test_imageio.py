@@ -267,3 +267,20 @@ def test_other_modes(tmp_path: Path) -> None:
     Image.fromarray(np.array([[-5, 512, 70000]] * 2, np.int32)).save(tmp_path / "i.tiff")
     assert Image.open(tmp_path / "i.tiff").mode == "I"
     np.testing.assert_array_equal(read_image(tmp_path / "i.tiff")[0, :, 2], [0, 2, 255])
+
+
+def test_label_png_palette_is_given_colours_then_defaults() -> None:
+    """The PLTE of encode_label_png: the given colours (at most 256) then default_palette; the
+    cached defaults are never changed by a call."""
+    import io
+
+    labels = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    defaults = [v for rgb in default_palette(256) for v in rgb]
+    long = [(i % 256, (7 * i) % 256, (13 * i) % 256) for i in range(300)]
+    cases = [(None, defaults), ([], defaults),
+             ([[9, 8, 7], np.array([1, 2, 3])], [9, 8, 7, 1, 2, 3] + defaults[6:]),
+             (long, [v for rgb in long[:256] for v in rgb])]
+    for palette, expect in cases + cases[:1]:          # None again: defaults untouched
+        im = Image.open(io.BytesIO(imageio.encode_label_png(labels, palette)))
+        assert im.mode == "P" and im.getpalette() == expect
+        np.testing.assert_array_equal(np.asarray(im), labels)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from runs import make_run
@@ -157,3 +159,140 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert 0 <= res["spml_miou"] <= 100 and 0 <= res["pce_miou"] <= 100
     assert len(list((tmp_path / "demo" / "segment-val" / "labels").glob("*.png"))) == 2
     assert len(list((tmp_path / "demo" / "segment-val" / "overlays").glob("*.png"))) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# fast paths of the job against direct references
+
+
+def _mixed_images(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = [(50, 70), (33, 41), (64, 64), (90, 30)]
+    return [rng.integers(0, 256, s + (3,), np.uint8) for s in sizes]
+
+
+def _reference_batch(images, pp):
+    """The network input as stacked per-image preprocess() outputs (the original code)."""
+    from spml_deploy.pipeline import preprocess
+
+    prepped = [preprocess(im, pp) for im in images]
+    ph = max(p.padded_hw[0] for _, p in prepped)
+    pw = max(p.padded_hw[1] for _, p in prepped)
+    x = np.zeros((len(images), 3, ph, pw), np.float32)
+    for i, (arr, _) in enumerate(prepped):
+        x[i, :, : arr.shape[1], : arr.shape[2]] = arr
+    return torch.from_numpy(x), [p for _, p in prepped]
+
+
+@pytest.mark.parametrize("max_side,pad", [(512, 8), (0, 8), (48, 16), (64, 8)])
+def test_prepare_batch_equals_stacked_preprocess(max_side, pad):
+    from spml_deploy.config import PreprocessConfig
+    from spml_deploy.pipeline import prepare_batch
+
+    pp = PreprocessConfig(max_side=max_side, pad_multiple=pad)
+    images = _mixed_images()
+    ref, ref_meta = _reference_batch(images, pp)
+    x, meta = prepare_batch(images, pp)
+    assert meta == ref_meta and x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.equal(x, ref)                                   # bit for bit
+    assert torch.equal(torch.signbit(x), torch.signbit(ref))    # padding is +0.0
+
+
+def test_class_argmax_equals_torch_argmax():
+    from spml_deploy.pipeline import class_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, dtype in [((2, 5, 9, 11), torch.float32), ((1, 1, 4, 4), torch.float32),
+                         ((3, 21, 8, 8), torch.float64), ((2, 7, 5, 6), torch.float32)]:
+        s = torch.rand(shape, generator=gen, dtype=dtype)
+        s = (s * 3).round() / 3             # many exact ties: the first maximum must win
+        got = class_argmax(s)
+        assert got.dtype == np.uint8 and got.shape == (shape[0],) + shape[2:]
+        assert np.array_equal(got, s.argmax(1).to(torch.uint8).numpy())
+    ones = torch.ones(1, 4, 3, 3)                 # all tied: class 0 everywhere
+    assert not class_argmax(ones).any()
+
+
+def _reference_predict(pipe, images):
+    """Label maps the slow way: per-image upsampling, torch argmax, nearest resize (cv2)."""
+    import cv2
+    import torch.nn.functional as F
+
+    x, prepped = _reference_batch(images, pipe.pp)
+    phi, logits = pipe.backend(x)
+    B, _, h, w = phi.shape
+    valid = torch.zeros(B, h, w, dtype=torch.bool)
+    for i, p in enumerate(prepped):
+        valid[i, : -(-p.resized_hw[0] // 4), : -(-p.resized_hw[1] // 4)] = True
+    if pipe.opt.classifier == "softmax":
+        scores = torch.softmax(logits.float(), dim=1)
+    else:
+        scores = pipe._knn_scores(phi, valid)
+    if pipe.opt.refine:
+        scores = pipe._refine(scores, phi, valid)
+    out = []
+    for i, p in enumerate(prepped):
+        s = F.interpolate(scores[i: i + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        s = s[0, :, : p.resized_hw[0], : p.resized_hw[1]]
+        lab = s.argmax(0).to(torch.uint8).numpy()
+        if lab.shape != p.orig_hw:
+            lab = cv2.resize(lab, p.orig_hw[::-1], interpolation=cv2.INTER_NEAREST)
+        out.append(lab)
+    return out
+
+
+@pytest.mark.parametrize("classifier,refine",
+                         [("softmax", False), ("softmax", True), ("knn", False)])
+def test_predict_equals_reference(run, classifier, refine):
+    from spml_deploy.pipeline import PrototypeMemory
+
+    rng = np.random.default_rng(3)
+    base = load_pipeline(run, options=PipelineOptions(refine=refine))
+    memory = None
+    if classifier == "knn":
+        protos = rng.normal(size=(40, 32)).astype(np.float32)
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        memory = PrototypeMemory(protos, rng.integers(0, 4, 40), num_classes=4, k=5)
+    pp = replace(base.pp, max_side=64)          # small grids: a fast test
+    pipe = Pipeline(base.backend, pp, base.class_names, base.palette,
+                    PipelineOptions(classifier=classifier, refine=refine), memory=memory)
+    images = _mixed_images(1)
+    got = pipe.predict(images)
+    ref = _reference_predict(pipe, images)
+    for g, r, im in zip(got, ref, images):
+        assert g.labels.dtype == np.uint8 and g.labels.shape == im.shape[:2]
+        assert np.array_equal(g.labels, r)
+    keep = Pipeline(base.backend, pp, base.class_names, base.palette,
+                    PipelineOptions(classifier=classifier, refine=refine, keep_scores=True),
+                    memory=memory).predict(images[:2])
+    for k, g, im in zip(keep, got, images):
+        assert k.scores.shape == (4,) + im.shape[:2] and np.array_equal(k.labels, g.labels)
+
+
+def test_overlay_equals_float_blend():
+    from spml_deploy.serving.segment import overlay_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (23, 31, 3), np.uint8)
+    labels = rng.integers(0, 6, (23, 31)).astype(np.uint8)
+    palette = [[0, 0, 0], [255, 255, 255], [128, 0, 0], [1, 2, 3], [250, 7, 99]]   # id 5: black
+    pal = np.zeros((256, 3), np.uint8)
+    pal[:5] = palette
+    for alpha in (0.5, 0.3, 0.37, 0.123456, 0.9, 0.0, 1.0):
+        ref = (image * (1 - alpha) + pal[labels] * alpha).astype(np.uint8)
+        assert np.array_equal(overlay_image(image, labels, palette, alpha), ref), alpha
+
+
+def test_results_record_counts_every_class(run, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, im in enumerate(_mixed_images(2)):
+        Image.fromarray(im).save(src / f"im{i}.png")
+    out = tmp_path / "out"
+    run_segment_job(load_pipeline(run), src, out, batch=3, progress=False)
+    names = read_manifest(run).classes
+    for r in (json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()):
+        lab = np.asarray(Image.open(r["label"]))
+        ids, counts = np.unique(lab, return_counts=True)
+        assert r["classes"] == {names[i]: int(c) for i, c in zip(ids, counts)}
+        assert list(r["classes"]) == [names[i] for i in ids]          # ascending class ids
