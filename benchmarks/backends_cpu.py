@@ -31,28 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from runs import make_run  # noqa: E402
-
-from spml_deploy.artifacts import read_manifest  # noqa: E402
 from spml_deploy.export.benchmark import benchmark  # noqa: E402
 from spml_deploy.export.bundle import export_bundle  # noqa: E402
+
+from spml_deploy.artifacts import read_manifest  # noqa: E402
 from spml_deploy.model import count_flops  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
+from spml_deploy.sysinfo import cpu_name, format_load  # noqa: E402
 
 
 def _verdict(rows: list[dict]) -> str:
@@ -118,7 +102,7 @@ def main() -> None:
     import onnxruntime
 
     cpus = len(os.sched_getaffinity(0))
-    load_before = _load()
+    load_before = format_load()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp) / "run", num_classes=4, preset="tiny", seed=0)
@@ -143,7 +127,7 @@ def main() -> None:
                         for label, k, o, t in variants]
         for batch in [int(b) for b in args.batches.split(",")]:
             rows += _measure(bundle, variants, batch, args)
-    load_after = _load()
+    load_after = format_load()
 
     lines = [
         "# CPU backends: ONNX Runtime vs torch eager (tiny demo model, untrained weights)",
@@ -152,7 +136,7 @@ def main() -> None:
         f"{args.batches} --warmup {args.warmup} --iters {args.iters} --rounds {args.rounds} "
         f"--threads {args.threads}`",
         "",
-        f"Machine: {_cpu_name()}, {cpus} CPUs available to the process, {platform.system()} "
+        f"Machine: {cpu_name()}, {cpus} CPUs available to the process, {platform.system()} "
         f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}. Date: {dt.date.today().isoformat()}. "
         f"Load average (1/5/15 min) before: {load_before}, after: {load_after} (the machine is "

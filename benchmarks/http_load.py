@@ -33,20 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from runs import make_run  # noqa: E402
+from spml_deploy.serving.retrieval import build_index  # noqa: E402
 
 from spml_deploy.artifacts import read_manifest, write_manifest  # noqa: E402
-from spml_deploy.serving.retrieval import build_index  # noqa: E402
 from spml_deploy.synth import SCENE_CLASSES, synthesize  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from spml_deploy.sysinfo import cpu_name
 
 
 def free_port() -> int:
@@ -174,7 +165,7 @@ def main() -> None:
         "",
         f"Command: `{cmd.strip()}`",
         "",
-        f"Machine: {_cpu_name()}, {len(os.sched_getaffinity(0))} CPUs available, Linux "
+        f"Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} CPUs available, Linux "
         f"{platform.release()}; Python {platform.python_version()}. Server and clients share the "
         f"machine. Date: {dt.date.today().isoformat()}. Load average before: "
         f"{' '.join(f'{v:.2f}' for v in load_before)}, after: "

@@ -33,16 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from spml_deploy.index import PrototypeIndex  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from spml_deploy.sysinfo import cpu_name
 
 
 def clustered(n: int, dim: int, n_centers: int, noise: float, rng: np.random.Generator,
@@ -176,7 +167,7 @@ def main() -> None:
         "",
         f"Command: `{cmd.strip()}`",
         "",
-        f"Machine: {_cpu_name()}, {len(os.sched_getaffinity(0))} CPUs available to the process, "
+        f"Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} CPUs available to the process, "
         f"Linux {platform.release()}; Python {platform.python_version()}, numpy {np.__version__}, "
         f"faiss {faiss.__version__} (CPU, {faiss.omp_get_max_threads()} OpenMP threads). "
         f"Date: {dt.date.today().isoformat()}. Load average before: "

@@ -21,8 +21,14 @@ import time
 import numpy as np
 import torch
 
-from spml_deploy.kmeans import clustering_features, grid_init, kmeans_clusters, l2_normalize
+from spml_deploy.kmeans import (
+    clustering_features,
+    grid_init,
+    kmeans_clusters,
+    l2_normalize,
+)
 from spml_deploy.prototypes import form_segments, pool_prototypes
+from spml_deploy.sysinfo import cpu_name
 
 log = logging.getLogger("kmeans_speed")
 VOID = 255
@@ -97,12 +103,7 @@ def timed(fn, repeats: int, sync) -> tuple[float, float, object]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads; python {platform.python_version()}; "

@@ -31,11 +31,12 @@ import time
 from typing import Any, Callable
 
 import torch
+from spml_deploy.training import spml_loss as spml_loss_module
+from spml_deploy.training.spml_loss import MemoryBank, spml_losses
 
 from spml_deploy.config import preset
 from spml_deploy.model import build_model
-from spml_deploy.training import spml_loss as spml_loss_module
-from spml_deploy.training.spml_loss import MemoryBank, spml_losses
+from spml_deploy.sysinfo import cpu_name
 
 log = logging.getLogger("loss_speed")
 IMPLS = ("generic", "fused")
@@ -208,12 +209,7 @@ def run_scenario(tags_mode: str, args: argparse.Namespace, device: torch.device,
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     if device.type == "cuda":
         cpu += f"; GPU {torch.cuda.get_device_name(device)}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -34,7 +34,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from spml_deploy import refine as R
+from spml_deploy.sysinfo import cpu_name
 
 REGIMES = {"tight": 0.3, "medium": 0.6, "random": 100.0}
 METHODS = ("dense", "matvec", "topk", "cheb-dense", "auto")
@@ -97,14 +97,6 @@ def timed(fn, device: torch.device) -> tuple[float, float, object]:
     return time.perf_counter() - w, time.process_time() - c, out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args: argparse.Namespace) -> list[dict]:

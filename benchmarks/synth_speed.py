@@ -25,16 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from spml_deploy import synth
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from spml_deploy.sysinfo import cpu_name
 
 
 def load() -> str:

@@ -71,14 +71,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from spml_deploy.training.spml_loss import spml_losses
+from spml_deploy.training.train import Trainer, _ce, lr_at, set_lr
+from spml_deploy.training.weak_labels import point_footprint, rasterize_points
 from torch import Tensor
 
 from spml_deploy.config import preset
 from spml_deploy.errors import ConfigError, TrainingError
 from spml_deploy.prototypes import resize_labels_nearest
-from spml_deploy.training.spml_loss import spml_losses
-from spml_deploy.training.train import Trainer, _ce, lr_at, set_lr
-from spml_deploy.training.weak_labels import point_footprint, rasterize_points
+from spml_deploy.sysinfo import cpu_name, format_load
 
 log = logging.getLogger("train_step")
 
@@ -547,12 +548,7 @@ def render(res: Result, args: argparse.Namespace, device: torch.device) -> list[
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = (f"{cpu}; {os.cpu_count()} logical cores ({cores} usable); torch {torch.__version__} "
             f"with {torch.get_num_threads()} threads; OMP_WAIT_POLICY="
@@ -565,8 +561,6 @@ def machine(device: torch.device) -> str:
     return text
 
 
-def _load() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 GPU_COMMAND = ("python benchmarks/train_step.py --device cuda --preset resnet50 --batch 8 "
@@ -618,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    load_before = _load()
+    load_before = format_load(" / ")
     header = machine(device)
     log.info(header)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -635,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         title, "",
         f"Command: `{'OMP_WAIT_POLICY=' + env + ' ' if env else ''}{cmd}`", "",
         (f"Machine: {header}. Date {started}. Load average (1/5/15 min) before {load_before}, "
-         f"after {_load()}."), "",
+         f"after {format_load(' / ')}."), "",
         (f"Milliseconds per step, median of {args.repeats} steps after {args.warmup} or more "
          "warm-up steps (at least the memory size, so the memory bank is full; with `--check` "
          "one more step compares the staged step with `Trainer.step`); every stage is bracketed "
