@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from spml_deploy import __version__
+from spml_deploy import demo as demo_defaults
 from spml_deploy.errors import SpmlError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -173,10 +174,10 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--preset", "preset_name", default="tiny", show_default=True,
               type=click.Choice(["tiny", "resnet18", "resnet50", "resnet101"]),
               help="Network size; tiny trains on a CPU in minutes.")
-@click.option("--iters", type=int, help="Training iterations (preset: tiny 300, resnets 30000).")
-@click.option("--batch", type=int, help="Images per iteration (preset per supervision, spec §8).")
+@click.option("--iters", type=int, help="Training iterations (preset: tiny 1200, resnets 30000).")
+@click.option("--batch", type=int, help="Images per iteration (preset per supervision, spec §8; tiny: 8).")
 @click.option("--crop", type=int, help="Training crop size, multiple of 8.")
-@click.option("--lr", type=float, help="Base learning rate (3e-3).")
+@click.option("--lr", type=float, help="Base learning rate (preset: tiny 0.03 from scratch, resnets 3e-3).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (same step, same schedule).")
 @click.option("--seed", type=int, help="Random seed.")
@@ -340,25 +341,31 @@ def benchmark_cmd(path: Path, backends: str, imgsz: int, batch: int, warmup: int
 @cli.command("demo", context_settings=CONTEXT)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("spml-demo"), show_default=True,
               help="Folder for the scenes, runs, label maps and overlays (re-running resumes).")
-@click.option("--n-train", default=64, show_default=True)
-@click.option("--n-val", default=16, show_default=True)
-@click.option("--iters", default=150, show_default=True, help="Embedding training iterations.")
-@click.option("--classifier-iters", default=150, show_default=True,
+@click.option("--n-train", default=demo_defaults.DEMO_TRAIN, show_default=True)
+@click.option("--n-val", default=demo_defaults.DEMO_VAL, show_default=True)
+@click.option("--iters", default=demo_defaults.DEMO_ITERS, show_default=True,
+              help="Embedding training iterations (both runs).")
+@click.option("--lr", default=demo_defaults.DEMO_LR, show_default=True,
+              help="Base learning rate (both runs).")
+@click.option("--classifier-iters", default=demo_defaults.DEMO_CLASSIFIER_ITERS, show_default=True,
               help="Iterations of the final classifier f1.")
+@click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, classifier_iters: int, device: str,
-             quiet: bool) -> None:
-    """The main job end to end on the built-in scenes (a few minutes on 2 CPU cores).
+def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, lr: float, classifier_iters: int,
+             seed: int, device: str, quiet: bool) -> None:
+    """The main job end to end on the built-in scenes (minutes on 2 CPU cores).
 
-    Generates scenes, trains SPML from point labels (tiny preset) and the partial cross-entropy
-    baseline on the same points, segments the validation images, and prints both mIoU scores
-    with the location of the label maps and overlays.
+    Generates scenes, trains SPML from point labels (tiny preset) and, at the same time in a
+    second process, the partial cross-entropy baseline on the same points with the same network
+    and budget; then segments the validation images and prints both mIoU scores with the
+    location of the label maps and overlays. Re-running with the same --out continues.
     """
     from spml_deploy.demo import run_demo
 
-    run_demo(out, n_train=n_train, n_val=n_val, iters=iters, classifier_iters=classifier_iters,
-             device=device, echo=click.echo, progress=not quiet)
+    run_demo(out, n_train=n_train, n_val=n_val, iters=iters, lr=lr,
+             classifier_iters=classifier_iters, seed=seed, device=device, echo=click.echo,
+             progress=not quiet)
 
 
 
