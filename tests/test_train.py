@@ -169,3 +169,15 @@ def test_adamw_optimizer_and_unknown_name(scenes, tmp_path):
     train(scenes, "points", run, overrides=_overrides(optimizer="adamw"), progress=False)
     st = load_weights(run / "checkpoint.pt")
     assert st["step"] == 4 and "exp_avg" in str(st["optimizer"]["state"])
+
+
+def test_tiny_run_lowers_the_loss(scenes, tmp_path):
+    """40 SPML steps from points on the built-in scenes: the total loss (L_I + L_A + L_C + f0's
+    CE) of the last 8 steps is clearly below that of the first 8 (measured: 5.3 -> 4.1)."""
+    run = tmp_path / "lower"
+    train(scenes, "points", run, progress=False,
+          overrides=_overrides(iters=40, batch=4, log_every=1, classifier_iters=0, warmup=5))
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in log if "loss" in r]
+    assert len(loss) == 40
+    assert np.mean(loss[-8:]) < 0.9 * np.mean(loss[:8]), loss
