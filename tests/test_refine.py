@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spml_deploy import chebyshev_walk as CW
 from spml_deploy import refine as R
 
 BETA, ALPHA = 5.0, 20.0
@@ -192,7 +193,7 @@ def test_auto_on_cpu_picks_per_image_and_stays_within_tol():
 def test_power_coefficients_reproduce_the_power():
     for steps in (1, 8, 64):
         for lower in (0.0, R.CHEB_LOWER):
-            c, tails = R._power_coeffs(steps, lower)
+            c, tails = CW._power_coeffs(steps, lower)
             x = np.linspace(lower, 1.0, 101)
             y = (2 * x - 1 - lower) / (1 - lower)
             np.testing.assert_allclose(np.polynomial.chebyshev.chebval(y, c), x ** steps,
@@ -201,7 +202,7 @@ def test_power_coefficients_reproduce_the_power():
             assert all(a >= b for a, b in zip(tails, tails[1:]))
     # the truncated series whose c_0 takes the tail: p(1) = 1 and max |p - x^64| <= tails[m],
     # and the bound is not loose by more than 2x
-    c, tails = R._power_coeffs(64, R.CHEB_LOWER)
+    c, tails = CW._power_coeffs(64, R.CHEB_LOWER)
     x = np.linspace(R.CHEB_LOWER, 1.0, 200001)
     y = (2 * x - 1 - R.CHEB_LOWER) / (1 - R.CHEB_LOWER)
     for m in (10, 20, 27):
@@ -227,14 +228,14 @@ def test_chebyshev_series_is_the_polynomial_of_the_transition():
     x = torch.rand(1, 3, 12, generator=g, dtype=torch.float64)
     lam, V = torch.linalg.eigh(A / torch.outer(d.sqrt(), d.sqrt()))
     assert lam.min() >= -1e-12 and lam.max() <= 1 + 1e-12
-    c, tails = R._power_coeffs(16, R.CHEB_LOWER)
+    c, tails = CW._power_coeffs(16, R.CHEB_LOWER)
     for m in (3, 9, 16):
         cm = np.array(c[: m + 1])
         cm[0] += tails[m] / 2
         plam = torch.from_numpy(np.polynomial.chebyshev.chebval(
             (2 * lam.numpy() - 1 - R.CHEB_LOWER) / (1 - R.CHEB_LOWER), cm))
         pT = d.sqrt()[:, None] * (V * plam) @ V.T / d.sqrt()[None, :]
-        out = R._chebyshev_series(x, lambda v: v @ A.T, 1.0 / d, 16, m, R.CHEB_LOWER)
+        out = CW._chebyshev_series(x, lambda v: v @ A.T, 1.0 / d, 16, m, R.CHEB_LOWER)
         torch.testing.assert_close(out[0], x[0] @ pT, atol=1e-12, rtol=0)
     exact = x[0] @ torch.linalg.matrix_power(A / d[None, :], 16)
     torch.testing.assert_close(out[0], exact, atol=1e-12, rtol=0)
@@ -278,7 +279,7 @@ def test_chebyshev_fallbacks_give_the_same_walk(monkeypatch):
     M, phi = M.double(), phi.double()
     dense = R.random_walk_chebyshev(M, phi, sparse=False)
     # everything sparse (tight: ~30% of the entries kept) is still within the bound
-    monkeypatch.setattr(R, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(CW, "SPARSE_MAX_DENSITY", 1.0)
     report = R.WalkReport()
     out = R.random_walk_chebyshev(M, phi, report=report)
     assert report.methods == ["chebyshev-sparse"]
@@ -289,15 +290,15 @@ def test_chebyshev_fallbacks_give_the_same_walk(monkeypatch):
     p = F.normalize(torch.randn(1, 16, 1024, generator=g, dtype=torch.float64), dim=1)
     one = F.normalize(torch.ones(1, 16, 1, dtype=torch.float64), dim=1)
     p[:, :, torch.arange(1024) % 4 != 0] = one
-    monkeypatch.setattr(R, "SPARSE_MAX_DENSITY", 0.1)
+    monkeypatch.setattr(CW, "SPARSE_MAX_DENSITY", 0.1)
     report = R.WalkReport()
     out = R.random_walk_chebyshev(M[:, :3], p, report=report)
     assert report.methods == ["chebyshev"]
     dense3 = R.random_walk_chebyshev(M[:, :3], p, sparse=False)
     torch.testing.assert_close(out, dense3, atol=1e-12, rtol=0)
     # torch.bmm instead of oneDNN (the CUDA path) and one block of N rows (as on CUDA)
-    monkeypatch.setattr(R, "_onednn_linear_ok", lambda: False)
-    monkeypatch.setattr(R, "AFFINITY_BLOCK_ROWS", 1 << 20)
+    monkeypatch.setattr(CW, "_onednn_linear_ok", lambda: False)
+    monkeypatch.setattr(CW, "AFFINITY_BLOCK_ROWS", 1 << 20)
     bmm = R.random_walk_chebyshev(M, phi, sparse=False)
     torch.testing.assert_close(bmm, dense, atol=1e-12, rtol=0)
     out32 = R.random_walk_chebyshev(M.float(), phi.float(), sparse=False)
@@ -311,14 +312,14 @@ def test_affinity_rows_match_the_affinity():
     valid = torch.rand(300, generator=g) > 0.1
     A = R.affinity([p1, p2], valid=valid[None].expand(2, -1), min_affinity=R.MIN_AFFINITY)[1]
     lo = math.log(R.MIN_AFFINITY)
-    full = R._affinity_rows([p1, p2], 1, valid, 100.0, lo, 0.0, 0, 64,
+    full = CW._affinity_rows([p1, p2], 1, valid, 100.0, lo, 0.0, 0, 64,
                             lambda: torch.empty(300, 300, dtype=torch.float64))
     assert full.csr is None and torch.equal(full.dropped, torch.zeros(300, dtype=torch.float64))
     torch.testing.assert_close(full.diag, A.diagonal(), atol=1e-12, rtol=0)
     torch.testing.assert_close(full.dense + torch.diag(full.diag), A, atol=2e-12, rtol=1e-12)
     torch.testing.assert_close(full.d, A.sum(1), atol=1e-12, rtol=1e-12)
     tau = 1e-3
-    sp = R._affinity_rows([p1, p2], 1, valid, 100.0, lo, tau, 300 * 300, 64, None)
+    sp = CW._affinity_rows([p1, p2], 1, valid, 100.0, lo, tau, 300 * 300, 64, None)
     crow, col, val = sp.csr
     S = torch.sparse_csr_tensor(crow, col, val, size=(300, 300), check_invariants=True).to_dense()
     off = A - torch.diag(A.diagonal())
