@@ -1,7 +1,8 @@
 """kNN label retrieval over segment prototypes (spec 7.3) and a prototype index.
 
 * :func:`knn_labels`, :func:`topk_vote`, :func:`soft_vote`: exact retrieval (torch matmul +
-  top-k) and the majority / fractional vote of the retrieved labels (ties -> smallest class id).
+  top-k; on the CPU a two-stage exact top-k over a :class:`MemoryMatrix`) and the majority /
+  fractional vote of the retrieved labels (ties -> smallest class id).
 * :class:`PrototypeIndex`: FAISS index of unit prototypes (inner product = cosine) with int64
   ids: ``flat`` (exact), ``ivf``, ``ivfpq``, ``hnsw``; CPU, or GPU when faiss-gpu is installed
   and asked for. FAISS is optional (``pip install 'spml-deploy[index]'``).
@@ -36,6 +37,8 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 24  # similarity entries per chunk of brute-force search
 _GPU_MAX_K = 2048
+_GROUP = 8  # columns per group of the two-stage exact top-k (MemoryMatrix)
+_CPU_BLOCK_ELEMENTS = 1 << 20  # similarity entries per chunk of the grouped search (cache-sized)
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,25 +58,108 @@ def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
         )
 
 
+class MemoryMatrix:
+    """Memory prototypes [memory, dim] laid out once for fast exact top-k search.
+
+    The similarity row of a query is searched in two stages instead of one ``topk`` over all
+    ``memory`` entries: the columns are split into ``n = ceil(memory / g)`` strided groups
+    (group ``j`` = columns ``j, j + n, j + 2n, ...``), the ``k`` groups with the largest maximum
+    are kept and the final ``topk`` runs over their ``g * k`` entries. This is exact: a member
+    of the true top-k has value ``v``, at most ``k - 1`` entries (hence groups) beat ``v``, so its
+    group is among the ``k`` best (up to exactly tied values, where any tied entry may be
+    chosen, as with ``torch.topk``). The group maxima are an elementwise maximum of ``g``
+    contiguous slices (vectorised), and queries are processed in chunks whose similarity block
+    stays in the CPU cache. Holds the transposed memory [dim, g * n] (zero padding columns,
+    masked to -inf) in the dtype and device given.
+    """
+
+    def __init__(self, memory: ArrayLike, group: int = _GROUP):
+        m = _tensor(memory)
+        if m.dim() != 2:
+            raise ValueError(f"memory [M, D] expected, got {tuple(m.shape)}")
+        self.memory = m
+        self.size, self.dim = int(m.shape[0]), int(m.shape[1])
+        self.group = max(1, int(group))
+        n = -(-self.size // self.group) if self.size else 0
+        padded = m.new_zeros(self.group * n, self.dim)
+        padded[: self.size] = m
+        self._t = padded.T.contiguous()                          # [D, g * n]
+        self._n = n
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> MemoryMatrix:
+        """The same memory on another device / in another dtype (``self`` when nothing changes)."""
+        m = self.memory.to(device=device, dtype=dtype)
+        return self if m is self.memory else MemoryMatrix(m, self.group)
+
+    def topk(self, query: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` inner products of unit queries [Q, D]: (similarities [Q, k],
+        memory rows [Q, k]) by decreasing similarity, as ``torch.topk(query @ memory.T, k)``.
+
+        ``method``: "grouped" (two-stage search, see the class), "plain" (one matmul + topk
+        per chunk of queries, the reference) or "auto" (grouped on the CPU when the memory
+        holds at least ``2 k`` groups, plain otherwise). ``k`` must lie in 1..memory.
+        """
+        if not 1 <= k <= self.size:
+            raise ValueError(f"k must lie in 1..{self.size}, got {k}")
+        grouped = self.group > 1 and self._n >= k
+        if method == "auto":
+            method = "grouped" if grouped and self._n >= 2 * k and query.device.type == "cpu" else "plain"
+        if method == "plain":
+            step = max(1, _CHUNK_ELEMENTS // self.size)
+            mt = self._t[:, : self.size]
+            parts = [torch.topk(query[s:s + step] @ mt, k, dim=1) for s in range(0, query.shape[0], step)]
+        elif method == "grouped":
+            if not grouped:
+                raise ValueError(f"grouped search needs at least k = {k} groups, the memory has "
+                                 f"{self._n}: use method='plain'")
+            step = max(1, _CPU_BLOCK_ELEMENTS // self._t.shape[1])
+            parts = [self._grouped(query[s:s + step], k) for s in range(0, query.shape[0], step)]
+        else:
+            raise ValueError(f"unknown method {method!r} (use 'auto', 'grouped' or 'plain')")
+        if not parts:
+            return query.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=query.device)
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _grouped(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-stage exact top-k of one chunk of queries [c, D] (see the class)."""
+        c, g, n = q.shape[0], self.group, self._n
+        s = q @ self._t                                            # [c, g * n]
+        if g * n > self.size:
+            s[:, self.size:] = float("-inf")
+        s3 = s.view(c, g, n)
+        best = s3.amax(dim=1).topk(k, dim=1, sorted=False).indices          # [c, k] groups
+        cand = s3.gather(2, best[:, None, :].expand(c, g, k)).reshape(c, g * k)
+        val, j = cand.topk(k, dim=1)                                          # decreasing
+        return val, best.gather(1, j % k) + n * torch.div(j, k, rounding_mode="floor")
+
+
 def knn_labels(
-    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20
+    query: ArrayLike, memory: ArrayLike | MemoryMatrix, memory_labels: ArrayLike, k: int = 20,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and cosines of the ``k`` most similar memory rows, by decreasing similarity.
 
     Args:
         query: unit query embeddings [queries, dim].
-        memory: unit memory prototypes [memory, dim].
+        memory: unit memory prototypes [memory, dim], or a :class:`MemoryMatrix` of them
+            (prepared once, for repeated searches).
         memory_labels: class of every memory row [memory] (int).
         k: neighbours; clipped to the memory size (pitfall 17).
+        method: search method of :meth:`MemoryMatrix.topk` (all exact).
 
     Returns:
         (labels [queries, k'] int64, similarities [queries, k']), ``k' = min(k, memory)``.
     """
     q = _tensor(query)
-    m = _tensor(memory).to(device=q.device, dtype=q.dtype)
-    lab = _tensor(memory_labels).to(device=q.device, dtype=torch.int64)
+    mm = memory if isinstance(memory, MemoryMatrix) else None
+    m = mm.memory if mm is not None else _tensor(memory)
     if q.dim() != 2 or m.dim() != 2 or q.shape[1] != m.shape[1]:
-        raise ValueError(f"query [Q, D] and memory [M, D] expected, got {tuple(q.shape)} and {tuple(m.shape)}")
+        raise ValueError(f"query [Q, D] and memory [M, D] expected, got {tuple(q.shape)} and "
+                         f"{tuple(m.shape)}")
+    lab = _tensor(memory_labels).to(device=q.device, dtype=torch.int64)
     if lab.shape != (m.shape[0],):
         raise ValueError(f"memory_labels: expected [{m.shape[0]}], got {tuple(lab.shape)}")
     if k < 1:
@@ -81,15 +167,10 @@ def knn_labels(
     if m.shape[0] == 0:
         raise SpmlError("kNN retrieval over an empty prototype memory",
                         fix="build the memory from at least one labelled image")
-    kk = min(k, m.shape[0])
-    step = max(1, _CHUNK_ELEMENTS // m.shape[0])
-    sims, idx = [], []
-    for s in range(0, q.shape[0], step):
-        v, i = torch.topk(q[s:s + step] @ m.T, kk, dim=1)
-        sims.append(v)
-        idx.append(i)
-    sim = torch.cat(sims) if sims else q.new_zeros(0, kk)
-    ind = torch.cat(idx) if idx else torch.zeros(0, kk, dtype=torch.int64, device=q.device)
+    if mm is None:
+        mm = MemoryMatrix(m.to(device=q.device, dtype=q.dtype))
+    mm = mm.to(device=q.device, dtype=q.dtype)
+    sim, ind = mm.topk(q, min(k, m.shape[0]), method=method)
     return lab[ind], sim
 
 
@@ -109,23 +190,25 @@ def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
 
 
 def topk_vote(
-    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20,
-    num_classes: int | None = None,
+    query: ArrayLike, memory: ArrayLike | MemoryMatrix, memory_labels: ArrayLike, k: int = 20,
+    num_classes: int | None = None, method: str = "auto", check_labels: bool = True,
 ) -> torch.Tensor:
     """Majority label of the ``k`` nearest memory prototypes (spec 7.3), ties -> smallest id.
 
-    Shapes as in :func:`knn_labels`; ``num_classes`` defaults to ``max(memory_labels) + 1``.
-    Returns labels [queries] int64.
+    Shapes and ``method`` as in :func:`knn_labels`; ``num_classes`` defaults to
+    ``max(memory_labels) + 1``; ``check_labels=False`` skips the range check of the labels
+    (for callers that checked them once). Returns labels [queries] int64.
     """
     lab = _tensor(memory_labels).to(torch.int64)
     c = _num_classes(lab, num_classes)
-    _check_labels(lab, c, "memory_labels")
-    nbr, _ = knn_labels(query, memory, lab, k)
+    if check_labels:
+        _check_labels(lab, c, "memory_labels")
+    nbr, _ = knn_labels(query, memory, lab, k, method=method)
     return vote_counts(nbr, c).argmax(dim=1)  # argmax returns the first (smallest) maximum
 
 
 def soft_vote(
-    query: ArrayLike, memory: ArrayLike, memory_labels: ArrayLike, k: int = 20,
+    query: ArrayLike, memory: ArrayLike | MemoryMatrix, memory_labels: ArrayLike, k: int = 20,
     num_classes: int | None = None,
 ) -> torch.Tensor:
     """Fraction of the ``k`` nearest prototypes in each class: [queries, classes] (rows sum to

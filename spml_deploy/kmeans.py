@@ -2,8 +2,9 @@
 
 Every image of a batch is clustered independently, but all images are processed together:
 the M-step is one ``index_add`` (CPU) or one one-hot ``bmm`` (other devices, deterministic) over
-the whole batch, the E-step one ``bmm`` and one ``argmax``. There is no Python loop over pixels,
-clusters or images; the only loop is over the (10) iterations.
+the whole batch, the E-step one batched matmul and one ``argmax`` (numpy's on the CPU, ~6x
+faster than torch's over the innermost axis, same first-maximum indices). There is no Python
+loop over pixels, clusters or images; the only loop is over the (10) iterations.
 
 Conventions (as the official code, pinned by the golden cases ``grid_init`` and ``kmeans_*``):
 
@@ -137,6 +138,16 @@ def _cluster_sums(psi: Tensor, z: Tensor, num_clusters: int, method: str) -> Ten
     return sums
 
 
+def _argmax_last(scores: Tensor) -> Tensor:
+    """``scores.argmax(dim=-1)`` (first index on ties). On the CPU numpy's argmax over the
+    innermost axis gives the same indices several times faster than torch's (measured 0.15 ms
+    against 0.9 ms for a [4, 1024, 144] float32 block on one thread)."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) \
+            and not scores.requires_grad:
+        return torch.from_numpy(scores.numpy().argmax(axis=-1))
+    return scores.argmax(dim=-1)
+
+
 def _assign(psi: Tensor, centroids: Tensor, excluded: Tensor | None) -> Tensor:
     """E-step: ``argmax_k psi_i . c_k`` (first index on ties) for [B, N, F] x [B, K, F] ->
     [B, N]; ``excluded`` ([B, K] bool) clusters score -inf. Chunked over pixels when large."""
@@ -146,10 +157,10 @@ def _assign(psi: Tensor, centroids: Tensor, excluded: Tensor | None) -> Tensor:
     step = max(1, _MAX_SCORE_ELEMENTS // max(1, b * k))
     out = []
     for start in range(0, n, step):
-        scores = torch.bmm(psi[:, start:start + step], ct)
+        scores = torch.matmul(psi[:, start:start + step], ct)
         if excluded is not None:
             scores = scores.masked_fill(excluded[:, None, :], float("-inf"))
-        out.append(scores.argmax(dim=2))
+        out.append(_argmax_last(scores))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 

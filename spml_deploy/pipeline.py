@@ -303,10 +303,14 @@ class PrototypeMemory:
 
     def __init__(self, prototypes: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 20,
                  device: torch.device | str = "cpu"):
+        from spml_deploy.index import MemoryMatrix
+
         self.protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
         self.num_classes = num_classes
         self.k = k
+        self._labels_checked = False                 # range check on the first vote only
+        self._matrix = MemoryMatrix(self.protos)     # laid out once for the exact top-k search
 
     @classmethod
     def load(cls, path: str | Path, num_classes: int, k: int = 20, device="cpu") -> "PrototypeMemory":
@@ -323,8 +327,10 @@ class PrototypeMemory:
         """Majority label of the k most similar memory prototypes, per query [M, D] -> [M]."""
         from spml_deploy.index import topk_vote
 
-        return topk_vote(queries.to(self.protos), self.protos, self.labels, k=self.k,
-                         num_classes=self.num_classes)
+        out = topk_vote(queries.to(self.protos), self._matrix, self.labels, k=self.k,
+                        num_classes=self.num_classes, check_labels=not self._labels_checked)
+        self._labels_checked = True
+        return out
 
 
 def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",

@@ -261,3 +261,92 @@ def test_gpu_matches_cpu():
         gs, gi = gpu.search(q, 10)
         np.testing.assert_allclose(gs, cs, atol=1e-4)
         assert recall_at(gi, ci) >= (0.999 if kind == "flat" else 0.95)
+
+
+# --------------------------------------------------------------------------------------------
+# the two-stage exact top-k (MemoryMatrix) against one matmul + topk written directly
+
+
+def reference_topk(q: torch.Tensor, m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec 7.3 retrieval written directly: all cosines, the k largest."""
+    return torch.topk(q @ m.T, k, dim=1)
+
+
+def reference_vote(q: torch.Tensor, m: torch.Tensor, labels: torch.Tensor, k: int, c: int) -> torch.Tensor:
+    """Majority class of the k nearest rows, ties -> smallest class (bincount per query)."""
+    idx = reference_topk(q, m, k)[1]
+    counts = torch.stack([torch.bincount(labels[row], minlength=c) for row in idx])
+    return counts.argmax(dim=1)
+
+
+@pytest.mark.parametrize("group", [2, 8, 16, 64])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_grouped_topk_equals_plain_topk_float64(group, k):
+    x, q = data_and_queries(3001, 150, 32, seed=12)          # 3001: padding columns exist
+    m, qt = torch.from_numpy(x).double(), torch.from_numpy(q).double()
+    mat = I.MemoryMatrix(m, group=group)
+    want_v, want_i = reference_topk(qt, m, k)
+    got_v, got_i = mat.topk(qt, k, method="grouped")
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-12)
+    assert torch.all(got_v[:, 1:] <= got_v[:, :-1])                   # decreasing
+    assert torch.equal(got_i.sort(1).values, want_i.sort(1).values)   # same neighbour sets
+    # the rows returned score the similarities returned
+    torch.testing.assert_close((qt[:, None, :] * m[got_i]).sum(2), got_v, rtol=0, atol=1e-12)
+
+
+def test_grouped_topk_with_exact_ties_keeps_the_top_values():
+    # every memory row appears 5 times: the k-th value is tied across groups
+    base = torch.from_numpy(clustered(400, 16, seed=13)).double()
+    m = base.repeat(5, 1)
+    q = torch.from_numpy(clustered(30, 16, seed=14)).double()
+    want_v, _ = reference_topk(q, m, 12)
+    got_v, got_i = I.MemoryMatrix(m, group=8).topk(q, 12, method="grouped")
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-12)
+    assert all(len(set(row.tolist())) == 12 for row in got_i)         # 12 distinct rows
+    torch.testing.assert_close((q[:, None, :] * m[got_i]).sum(2), got_v, rtol=0, atol=1e-12)
+
+
+def test_memory_vote_matches_reference_at_segment_job_size(monkeypatch):
+    # the segment job's case: 576 query prototypes (4 images x 144 segments), ~9000 memory
+    # prototypes of 9 classes, float32; the search runs in several chunks of queries
+    x, q = data_and_queries(9216, 576, 32, seed=15)
+    labels = torch.from_numpy(np.random.default_rng(2).integers(0, 9, 9216))
+    m, qt = torch.from_numpy(x), torch.from_numpy(q)
+    from spml_deploy.pipeline import PrototypeMemory
+
+    memory = PrototypeMemory(x, labels.numpy(), 9, k=20)
+    want = reference_vote(qt, m, labels, 20, 9)
+    assert torch.equal(memory.vote(qt), want)
+    assert torch.equal(I.topk_vote(qt, x, labels, 20, 9), want)
+    assert torch.equal(I.topk_vote(qt, I.MemoryMatrix(m), labels, 20, 9, method="plain"), want)
+    monkeypatch.setattr(I, "_CPU_BLOCK_ELEMENTS", 1 << 16)              # chunks of ~5 queries
+    assert torch.equal(memory.vote(qt), want)
+    got_l, got_s = I.knn_labels(qt, memory._matrix, labels, 20)
+    want_s, want_i = reference_topk(qt, m, 20)
+    torch.testing.assert_close(got_s, want_s, rtol=0, atol=1e-6)
+    gap = (want_s[:, 18] - want_s[:, 19]) > 1e-5                        # no near-tie at the cut
+    assert gap.float().mean() > 0.9
+    assert torch.equal(got_l[gap].sort(1).values, labels[want_i][gap].sort(1).values)
+
+
+def test_memory_matrix_small_memories_dtypes_and_guards():
+    x, q = data_and_queries(50, 7, 8, seed=16)
+    m, qt = torch.from_numpy(x), torch.from_numpy(q)
+    mat = I.MemoryMatrix(m, group=16)                                    # 4 groups < k = 20
+    v, i = mat.topk(qt, 20)                                              # auto -> plain
+    want_v, want_i = reference_topk(qt, m, 20)
+    torch.testing.assert_close(v, want_v, rtol=0, atol=1e-6)
+    assert torch.equal(i.sort(1).values, want_i.sort(1).values)
+    with pytest.raises(ValueError, match="groups"):
+        mat.topk(qt, 20, method="grouped")
+    with pytest.raises(ValueError, match="k must lie"):
+        mat.topk(qt, 51)
+    with pytest.raises(ValueError, match="method"):
+        mat.topk(qt, 3, method="fast")
+    # float64 queries against a float32 matrix: searched in float64
+    lab, sim = I.knn_labels(qt.double(), mat, torch.arange(50), 3)
+    assert sim.dtype == torch.float64 and torch.equal(lab, reference_topk(qt.double(), m.double(), 3)[1])
+    assert mat.to(dtype=torch.float32) is mat
+    # no queries
+    v0, i0 = I.MemoryMatrix(m, group=2).topk(qt[:0], 5, method="grouped")
+    assert v0.shape == (0, 5) and i0.shape == (0, 5)

@@ -347,3 +347,21 @@ def test_cuda_matches_cpu():
     z_cpu = kmeans_clusters(phi, valid, (6, 6))
     z_gpu = kmeans_clusters(phi.cuda(), valid.cuda(), (6, 6))
     assert z_gpu.is_cuda and torch.equal(z_gpu.cpu(), z_cpu)
+
+
+def test_cpu_argmax_fast_path_equals_torch_argmax():
+    # the E-step's numpy argmax (CPU) against torch.argmax: first index on ties, both dtypes
+    g = torch.Generator().manual_seed(21)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.randn(3, 50, 144, generator=g, dtype=dtype)
+        s[0, :, 7] = s[0].amax(1) + 1.0                       # a tie between 7 and 100 ...
+        s[0, :, 100] = s[0, :, 7]
+        s[1, :10] = 0.0                                       # ... and rows of equal scores
+        got = km._argmax_last(s)
+        assert got.dtype == torch.long and torch.equal(got, s.argmax(dim=2))
+        assert (got[0] == 7).all() and (got[1, :10] == 0).all()
+    # the realistic E-step size: 4 images, 32x32 grid, 144 clusters, F = 34
+    psi = l2_normalize(torch.randn(4, 1024, 34, generator=g), dim=2)
+    cent = l2_normalize(torch.randn(4, 144, 34, generator=g), dim=2)
+    want = torch.bmm(psi, cent.transpose(1, 2)).argmax(dim=2)
+    assert (km._assign(psi, cent, None) == want).float().mean() > 0.999   # rounding-level ties only
