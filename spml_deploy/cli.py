@@ -341,16 +341,18 @@ def benchmark_cmd(path: Path, backends: str, imgsz: int, batch: int, warmup: int
 @cli.command("demo", context_settings=CONTEXT)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("spml-demo"), show_default=True,
               help="Folder for the scenes, runs, label maps and overlays (re-running resumes).")
-@click.option("--n-train", default=demo_defaults.DEMO_TRAIN, show_default=True)
-@click.option("--n-val", default=demo_defaults.DEMO_VAL, show_default=True)
+@click.option("--n-train", default=demo_defaults.DEMO_TRAIN, show_default=True,
+              help="Training scenes to generate.")
+@click.option("--n-val", default=demo_defaults.DEMO_VAL, show_default=True,
+              help="Validation scenes (scored with their masks).")
 @click.option("--iters", default=demo_defaults.DEMO_ITERS, show_default=True,
               help="Embedding training iterations (both runs).")
 @click.option("--lr", default=demo_defaults.DEMO_LR, show_default=True,
               help="Base learning rate (both runs).")
 @click.option("--classifier-iters", default=demo_defaults.DEMO_CLASSIFIER_ITERS, show_default=True,
               help="Iterations of the final classifier f1.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the scenes and both runs.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, lr: float, classifier_iters: int,
              seed: int, device: str, quiet: bool) -> None:
