@@ -599,8 +599,8 @@ def synthesize(out: str | Path, n_train: int = 200, n_val: int = 50, size: int =
         f"  classes ({len(classes)}): {', '.join(classes)}",
         f"  annotations: {len(images)} images tagged, {counts['boxes']} boxes, "
         f"{counts['points']} points, {counts['scribbles']} scribbles",
-        f"  files: images/, masks/ (ground truth), annotations.json, splits/train.txt, "
-        f"splits/val.txt",
+        "  files: images/, masks/ (ground truth), annotations.json, splits/train.txt, "
+        "splits/val.txt",
         f"  speed: {n / max(elapsed, 1e-9):.0f} images/s ({elapsed:.1f} s)",
     ])
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from spml_deploy.errors import SpmlError
 from spml_deploy.kmeans import clustering_features, grid_init, kmeans_clusters, l2_normalize
-from spml_deploy.prototypes import (Segments, form_segments, majority_label, pool_prototypes,
+from spml_deploy.prototypes import (form_segments, majority_label, pool_prototypes,
                                     resize_labels_nearest, segment_memory)
 
 VOID = 255

@@ -242,7 +242,7 @@ def test_scene_annotations_equal_the_weaken_functions():
 
 def test_occlusion_scale_and_context():
     data = render(40)
-    visible, drawn, sizes = [], [], []
+    visible, drawn = [], []
     for scene, _ in data:
         area = np.bincount(scene.instances.ravel(), minlength=len(scene.classes) + 1)[1:]
         visible += area.tolist()
