@@ -41,7 +41,7 @@ from spml_deploy.artifacts import MANIFEST, Manifest, read_manifest, sha256_file
 from spml_deploy.config import PreprocessConfig, SegmentationConfig
 from spml_deploy.errors import ConfigError, SpmlError
 from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
-from spml_deploy.pipeline import Prepared, preprocess
+from spml_deploy.pipeline import Prepared, prepare_batch, valid_cells
 from spml_deploy.prototypes import majority_label, segment_memory
 from spml_deploy.serving.segment import _batches, discover
 from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
@@ -141,18 +141,9 @@ def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Prepared]]:
     """Batch of RGB uint8 images -> (phi [B, D, h, w] unit, logits [B, C, h, w], valid [B, h, w]
     bool (non-padding cells), preparation records), exactly as ``Pipeline.predict`` does."""
-    prepped = [preprocess(im, pp) for im in images]
-    ph = max(p.padded_hw[0] for _, p in prepped)
-    pw = max(p.padded_hw[1] for _, p in prepped)
-    x = np.zeros((len(images), 3, ph, pw), np.float32)
-    for i, (arr, _) in enumerate(prepped):
-        x[i, :, : arr.shape[1], : arr.shape[2]] = arr
-    phi, logits = backend(torch.from_numpy(x))
-    b, _, h, w = phi.shape
-    valid = torch.zeros(b, h, w, dtype=torch.bool, device=phi.device)
-    for i, (_, p) in enumerate(prepped):
-        valid[i, : -(-p.resized_hw[0] // STRIDE), : -(-p.resized_hw[1] // STRIDE)] = True
-    return phi, logits, valid, [p for _, p in prepped]
+    x, preps = prepare_batch(list(images), pp)
+    phi, logits = backend(x)
+    return phi, logits, valid_cells(preps, *phi.shape[-2:], phi.device, STRIDE), preps
 
 
 @torch.no_grad()

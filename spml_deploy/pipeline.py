@@ -92,6 +92,16 @@ def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
     return x.masked_fill_(~inside[:, None], 0.0), [p for _, p in resized]
 
 
+def valid_cells(prepped: list[Prepared], h: int, w: int, device: torch.device | str = "cpu",
+                stride: int = 4) -> torch.Tensor:
+    """bool [B, h, w]: the cells of a batch's stride-``stride`` embedding grid that cover the
+    resized image (not padding); image ``i`` covers ``ceil(resized / stride)`` rows and columns."""
+    rows = torch.tensor([-(-p.resized_hw[0] // stride) for p in prepped], device=device)
+    cols = torch.tensor([-(-p.resized_hw[1] // stride) for p in prepped], device=device)
+    return ((torch.arange(h, device=device)[None, :, None] < rows[:, None, None])
+            & (torch.arange(w, device=device)[None, None, :] < cols[:, None, None]))
+
+
 def upsample_to_input(t: torch.Tensor, prep: Prepared) -> torch.Tensor:
     """[..., h, w] scores at stride 4 -> the resized image's size (bilinear, padding cropped)."""
     ph, pw = prep.padded_hw
@@ -237,10 +247,7 @@ class Pipeline:
         phi, logits = self.backend(xt)
         t = self._tick("network", t)
         B, _, h, w = phi.shape
-        rows = torch.tensor([-(-p.resized_hw[0] // 4) for p in prepped], device=phi.device)
-        cols = torch.tensor([-(-p.resized_hw[1] // 4) for p in prepped], device=phi.device)
-        valid = ((torch.arange(h, device=phi.device)[None, :, None] < rows[:, None, None])
-                 & (torch.arange(w, device=phi.device)[None, None, :] < cols[:, None, None]))
+        valid = valid_cells(prepped, h, w, phi.device)
         if self.opt.classifier == "softmax":
             scores = torch.softmax(logits.float(), dim=1)
         else:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import VOID, RunConfig
 from spml_deploy.imageio import read_image, read_label_png, write_label_png
-from spml_deploy.pipeline import Prepared, labels_to_original, preprocess
+from spml_deploy.pipeline import Prepared, labels_to_original, preprocess, valid_cells
 from spml_deploy.prototypes import resize_labels_nearest, segment_memory
 from spml_deploy.refine import normalize_score_map, random_walk, refine_labels
 
@@ -45,10 +45,7 @@ def embed(net, image: np.ndarray, cfg: RunConfig, device) -> tuple[list[torch.Te
     e = net(torch.cat([xt, xt.flip(-1)]))
     phi = F.normalize(e, dim=1, eps=1e-12)
     passes = [phi[0:1], phi[1:2].flip(-1)]
-    h, w = phi.shape[-2:]
-    valid = torch.zeros(1, h, w, dtype=torch.bool, device=device)
-    valid[:, : -(-prep.resized_hw[0] // 4), : -(-prep.resized_hw[1] // 4)] = True
-    return passes, prep, valid
+    return passes, prep, valid_cells([prep], *phi.shape[-2:], phi.device)
 
 
 def _walk_to_labels(scores: torch.Tensor, passes: list[torch.Tensor], prep: Prepared,
