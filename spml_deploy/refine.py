@@ -206,8 +206,15 @@ def _score_range(scores: torch.Tensor) -> torch.Tensor:
 # public walks
 
 
-def _select(phi: list[torch.Tensor], sl: slice) -> list[torch.Tensor]:
-    return [p[sl] for p in phi]
+def _walk_chunks(scores: torch.Tensor, phi: PhiLike, valid: torch.Tensor | None, copies: int,
+                 max_bytes: int):
+    """The checked scores [B, C, N], an output buffer like them, and the image chunks whose
+    ``copies`` N x N matrices fit ``max_bytes``: (slice, embedding passes, valid or None)."""
+    phis = _as_list(phi)
+    x = _check_scores(scores, phis[0].shape[2])
+    chunks = [(sl, [p[sl] for p in phis], None if valid is None else valid[sl])
+              for sl in _chunks(x.shape[0], x.shape[2], x.element_size(), copies, max_bytes)]
+    return x, torch.empty_like(x), chunks
 
 
 def random_walk_dense(
@@ -231,12 +238,9 @@ def random_walk_dense(
     Returns:
         walked scores [batch, classes, cells], dtype of ``scores``.
     """
-    phis = _as_list(phi)
-    x = _check_scores(scores, phis[0].shape[2])
-    n = x.shape[2]
-    out = torch.empty_like(x)
-    for sl in _chunks(x.shape[0], n, x.element_size(), 3, max_bytes):
-        T = transition(_select(phis, sl), beta, alpha, None if valid is None else valid[sl])
+    x, out, chunks = _walk_chunks(scores, phi, valid, 3, max_bytes)
+    for sl, phis, v in chunks:
+        T = transition(phis, beta, alpha, v)
         out[sl] = _walk_power(x[sl], T.to(x.dtype), squarings)
     return out
 
@@ -259,12 +263,9 @@ def random_walk_steps(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    phis = _as_list(phi)
-    x = _check_scores(scores, phis[0].shape[2])
-    n = x.shape[2]
-    out = torch.empty_like(x)
-    for sl in _chunks(x.shape[0], n, x.element_size(), 2, max_bytes):
-        A = affinity(_select(phis, sl), beta, alpha, None if valid is None else valid[sl], min_affinity)
+    x, out, chunks = _walk_chunks(scores, phi, valid, 2, max_bytes)
+    for sl, phis, v in chunks:
+        A = affinity(phis, beta, alpha, v, min_affinity)
         out[sl] = _walk_steps(x[sl], column_normalize(A).to(x.dtype), steps)
     return out
 
@@ -287,12 +288,9 @@ def random_walk_topk(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    phis = _as_list(phi)
-    x = _check_scores(scores, phis[0].shape[2])
-    n = x.shape[2]
-    out = torch.empty_like(x)
-    for sl in _chunks(x.shape[0], n, x.element_size(), 2, max_bytes):
-        A = affinity(_select(phis, sl), beta, alpha, None if valid is None else valid[sl]).to(x.dtype)
+    x, out, chunks = _walk_chunks(scores, phi, valid, 2, max_bytes)
+    for sl, phis, v in chunks:
+        A = affinity(phis, beta, alpha, v).to(x.dtype)
         op, delta = _topk_operator(A, k)
         del A
         out[sl] = _walk_sparse(x[sl], op, steps)
