@@ -24,20 +24,31 @@ DEMO_LR = 0.03
 DEMO_CLASSIFIER_ITERS = 150
 
 
+# the two runs: step number and what the output calls them
+STEPS = {"spml": 2, "pce": 3}
+WHAT = {"spml": "SPML (points)", "pce": "partial cross-entropy baseline (points)"}
+
+
+def _train_run(data: Path, run: Path, overrides: dict[str, Any], device: str,
+               progress: bool) -> None:
+    """Train (or resume) one run of the demo: tiny preset, point labels."""
+    from spml_deploy.training.train import train
+
+    train(data, "points", run, preset_name="tiny", overrides=overrides, device=device,
+          resume=(run / "config.json").is_file(), progress=progress)
+
+
 def _train_logged(data: Path, run: Path, overrides: dict[str, Any], device: str) -> None:
     """Train one run in a child process: one torch thread, messages to ``run/demo.log``."""
     import logging
 
     import torch
 
-    from spml_deploy.training.train import train
-
     torch.set_num_threads(1)
     logging.basicConfig(filename=run / "demo.log", level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(data, "points", run, preset_name="tiny", overrides=overrides, device=device,
-              resume=(run / "config.json").is_file(), progress=False)
+        _train_run(data, run, overrides, device, progress=False)
     except BaseException:
         logging.exception("training failed")
         raise
@@ -57,7 +68,6 @@ def run_demo(out: Path, n_train: int = DEMO_TRAIN, n_val: int = DEMO_VAL, size: 
     from spml_deploy.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
     from spml_deploy.synth import synthesize
-    from spml_deploy.training.train import train
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -72,32 +82,28 @@ def run_demo(out: Path, n_train: int = DEMO_TRAIN, n_val: int = DEMO_VAL, size: 
     overrides = {"train": {"iters": iters, "lr": lr, "classifier_iters": classifier_iters,
                            "seed": seed, "ckpt_every": max(10, iters // 5)}}
     runs = {"spml": out / "runs" / "spml-points", "pce": out / "runs" / "pce-points"}
-    pce_overrides = json.loads(json.dumps(overrides))
-    pce_overrides["train"]["baseline"] = "pce"
+    run_overrides = {"spml": overrides, "pce": json.loads(json.dumps(overrides))}
+    run_overrides["pce"]["train"]["baseline"] = "pce"
     todo = {name: run for name, run in runs.items() if not (run / "spml.json").is_file()}
-    for i, (name, run) in enumerate(runs.items(), start=2):
+    for name, run in runs.items():
         if name not in todo:
-            what = "SPML (points)" if name == "spml" else "partial cross-entropy baseline (points)"
-            echo(f"[{i}/5] {what}: already trained in {run}")
+            echo(f"[{STEPS[name]}/5] {WHAT[name]}: already trained in {run}")
     side = None
     if "pce" in todo and device == "cpu" and (os.cpu_count() or 1) >= 2:
         # Two CPU cores: the baseline trains in a second process (one thread each), which is
         # faster than two threads on one run; its output goes to a log file in its run folder.
         todo["pce"].mkdir(parents=True, exist_ok=True)
-        echo(f"[3/5] training the partial cross-entropy baseline (points), {iters} iterations, "
+        echo(f"[{STEPS['pce']}/5] training the {WHAT['pce']}, {iters} iterations, "
              f"meanwhile in a second process (log: {todo['pce'] / 'demo.log'})")
         side = mp.get_context("spawn").Process(
-            target=_train_logged, args=(data, todo.pop("pce"), pce_overrides, device), daemon=True)
+            target=_train_logged, args=(data, todo.pop("pce"), run_overrides["pce"], device),
+            daemon=True)
         side.start()
         torch.set_num_threads(1)
     try:
         for name, run in todo.items():
-            step = 2 if name == "spml" else 3
-            what = "SPML (points)" if name == "spml" else "partial cross-entropy baseline (points)"
-            echo(f"[{step}/5] training {what}, {iters} iterations ...")
-            train(data, "points", run, preset_name="tiny",
-                  overrides=overrides if name == "spml" else pce_overrides, device=device,
-                  resume=(run / "config.json").is_file(), progress=progress)
+            echo(f"[{STEPS[name]}/5] training {WHAT[name]}, {iters} iterations ...")
+            _train_run(data, run, run_overrides[name], device, progress)
         if side is not None:
             if side.is_alive():
                 echo("      waiting for the baseline ...")
