@@ -232,13 +232,18 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
                                       "similar training segments (prototype memory).")
 @click.option("--refine/--no-refine", default=False, show_default=True,
               help="Random-walk refinement of the class scores (spec 7.2).")
+@click.option("--crf/--no-crf", default=False, show_default=True,
+              help="DenseCRF post-processing at the input size (spec 7.5; slow, on the CPU). "
+                   "Needs the optional package pydensecrf2: pip install pydensecrf2 (builds "
+                   "from source with a C++ compiler, about a minute).")
 @click.option("--batch", default=4, show_default=True, help="Images per network call.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--overlay", is_flag=True, help="Also write overlays/<path>.png (labels over image).")
 @click.option("--skip-existing", is_flag=True, help="Resume: skip images whose label map exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str, refine: bool,
-                batch: int, device: str, overlay: bool, skip_existing: bool, quiet: bool) -> None:
+                crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
+                quiet: bool) -> None:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
     \b
@@ -251,7 +256,7 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     from spml_deploy.serving.segment import run_segment_job
 
     pipe = load_pipeline(model, backend=backend, device=device,
-                         options=PipelineOptions(classifier=classifier, refine=refine))
+                         options=PipelineOptions(classifier=classifier, refine=refine, crf=crf))
     try:
         report = run_segment_job(pipe, input, output, batch=batch, overlay=overlay,
                                  skip_existing=skip_existing, progress=not quiet)

@@ -57,10 +57,10 @@ class BackendError(SpmlError):
 class MissingDependencyError(SpmlError):
     """An optional dependency is not installed."""
 
-    def __init__(self, module: str, extra: str, purpose: str):
+    def __init__(self, module: str, extra: str, purpose: str, fix: str | None = None):
         super().__init__(
             f"{purpose} needs the Python package '{module}', which is not installed",
-            fix=f"pip install 'spml-deploy[{extra}]'",
+            fix=fix or f"pip install 'spml-deploy[{extra}]'",
         )
 
 

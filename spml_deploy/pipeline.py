@@ -189,6 +189,7 @@ class PipelineOptions:
     rw_squarings: int = 6
     rw_method: str = "auto"
     keep_scores: bool = False
+    crf: bool = False                    # DenseCRF at the original size (spec 7.5; optional package)
 
 
 class Pipeline:
@@ -212,6 +213,10 @@ class Pipeline:
             raise ConfigError("the kNN classifier needs a prototype memory, and this run/bundle "
                               "has none", fix="use --classifier softmax, or build the memory "
                               "(spml-deploy train finishes with it)")
+        if options.crf:
+            from spml_deploy.crf import require_crf
+
+            require_crf()          # MissingDependencyError with the install recipe, before any image
         self.backend = backend
         self.pp = preprocess_cfg
         self.class_names = list(class_names)
@@ -257,15 +262,24 @@ class Pipeline:
             scores = self._refine(scores, phi, valid)
             t = self._tick("refine", t)
         up = F.interpolate(scores, size=(ph, pw), mode="bilinear", align_corners=False)
-        labels = class_argmax(up)                                        # [B, ph, pw] uint8
+        if self.opt.crf:
+            t = self._tick("postprocess", t)
+            crf_q = self._crf(images, up, prepped)                       # [C, H, W] each
+            t = self._tick("crf", t)
+        labels = None if self.opt.crf else class_argmax(up)              # [B, ph, pw] uint8
         results = []
         for i, p in enumerate(prepped):
             rh, rw = p.resized_hw
-            lab = labels_to_original(labels[i, :rh, :rw], p)
             keep = None
-            if self.opt.keep_scores:
-                keep = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw, mode="bilinear",
-                                     align_corners=False)[0].cpu().numpy()
+            if self.opt.crf:
+                lab = class_argmax(torch.from_numpy(crf_q[i])[None])[0]
+                if self.opt.keep_scores:
+                    keep = crf_q[i]
+            else:
+                lab = labels_to_original(labels[i, :rh, :rw], p)
+                if self.opt.keep_scores:
+                    keep = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw,
+                                         mode="bilinear", align_corners=False)[0].cpu().numpy()
             results.append(Prediction(lab, self.class_names, {}, keep))
         t = self._tick("postprocess", t)
         n = len(images)
@@ -273,6 +287,21 @@ class Pipeline:
         for r in results:
             r.timings = per_image
         return results
+
+    def _crf(self, images: list[np.ndarray], up: torch.Tensor,
+             prepped: list[Prepared]) -> list[np.ndarray]:
+        """DenseCRF marginals [C, H, W] per image (spec 7.5): the upsampled scores ``up``
+        [B, C, PH, PW] cropped to the resized image, resized (bilinear) to the original size,
+        and refined with the original RGB image."""
+        from spml_deploy.crf import dense_crf
+
+        out = []
+        for i, p in enumerate(prepped):
+            rh, rw = p.resized_hw
+            s = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw, mode="bilinear",
+                              align_corners=False)[0]
+            out.append(dense_crf(np.ascontiguousarray(images[i], np.uint8), s.float().cpu().numpy()))
+        return out
 
     def _knn_scores(self, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One-hot class scores [B, C, h, w]: every pixel takes its k-means segment's kNN vote."""
@@ -348,6 +377,10 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
     from spml_deploy.artifacts import read_manifest
     from spml_deploy.backends import load_backend
 
+    if options.crf:
+        from spml_deploy.crf import require_crf
+
+        require_crf()              # fail before reading the model when the CRF package is absent
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     manifest = read_manifest(folder, verify=True)
     cfg_path = folder / "config.json"
