@@ -210,6 +210,10 @@ def read_image(path: str | Path, *, max_pixels: int | None = None, min_side: int
     im = _open(path, max_pixels, min_side)
     try:
         orientation = _orientation(im)
+        if _fast_png(im):
+            arr = _decode_png_rgb8(path, im.size)
+            if arr is not None:
+                return _apply_orientation(arr, orientation)
         _load(im, path)
         if _pillow_applied_orientation(im):
             orientation = 1
@@ -221,6 +225,28 @@ def read_image(path: str | Path, *, max_pixels: int | None = None, min_side: int
     finally:
         im.close()
     return _apply_orientation(arr, orientation)
+
+
+def _fast_png(im: Image.Image) -> bool:
+    """Whether ``im`` is a plain 8-bit RGB or grayscale PNG (no palette, alpha or transparency
+    key), the common case that OpenCV decodes to the same pixels ~1.5x faster than Pillow."""
+    return (im.format == "PNG" and im.mode in ("RGB", "L") and "transparency" not in im.info
+            and im.info.get("interlace", 0) == 0)
+
+
+def _decode_png_rgb8(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """Decode a plain 8-bit PNG with OpenCV as height x width x 3 RGB, or ``None`` when OpenCV
+    is missing or fails (truncated, corrupt): the caller then takes the Pillow path, which
+    reports the problem."""
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - opencv is a dependency; Pillow still works
+        return None
+    data = np.fromfile(path, dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape != (size[1], size[0], 3):
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:

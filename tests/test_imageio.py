@@ -284,3 +284,51 @@ def test_label_png_palette_is_given_colours_then_defaults() -> None:
         im = Image.open(io.BytesIO(imageio.encode_label_png(labels, palette)))
         assert im.mode == "P" and im.getpalette() == expect
         np.testing.assert_array_equal(np.asarray(im), labels)
+
+
+def _pillow_rgb(path: Path) -> np.ndarray:
+    """Reference decode: Pillow alone (the slow path read_image takes for other formats)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_fast_png_path_matches_pillow(tmp_path: Path) -> None:
+    """Plain 8-bit RGB/grayscale PNGs are decoded by OpenCV: same pixels as Pillow, for
+    photo-like content, every zlib level, filters and odd sizes; other PNGs go to Pillow."""
+    rng = np.random.default_rng(3)
+    smooth = np.clip(np.cumsum(rng.normal(0, 6, (37, 53, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+    cases = {"rgb_noise.png": (Image.fromarray(_rgb(31, 45)), {}),
+             "rgb_smooth_l9.png": (Image.fromarray(smooth), {"compress_level": 9}),
+             "rgb_smooth_l0.png": (Image.fromarray(smooth), {"compress_level": 0}),
+             "gray.png": (Image.fromarray(smooth[:, :, 0]), {}),
+             "gamma.png": (Image.fromarray(smooth), {"gamma": 0.45})}  # gAMA ignored by both
+    for name, (im, kw) in cases.items():
+        if name == "gamma.png":
+            from PIL import PngImagePlugin
+            info = PngImagePlugin.PngInfo()
+            info.add(b"gAMA", struct.pack(">I", 45455))
+            im.save(tmp_path / name, pnginfo=info)
+        else:
+            im.save(tmp_path / name, **kw)
+        with Image.open(tmp_path / name) as opened:
+            assert imageio._fast_png(opened), name
+        np.testing.assert_array_equal(read_image(tmp_path / name), _pillow_rgb(tmp_path / name),
+                                      err_msg=name)
+    # palette, alpha and transparency keys are not plain: Pillow handles them
+    Image.fromarray(_rgb(8, 8)).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(np.dstack([_rgb(8, 8), _rgb(8, 8)[:, :, :1]])).save(tmp_path / "rgba.png")
+    for name in ("pal.png", "rgba.png"):
+        with Image.open(tmp_path / name) as opened:
+            assert not imageio._fast_png(opened), name
+
+
+def test_fast_png_path_refuses_corrupt_data(tmp_path: Path) -> None:
+    """A flipped byte inside the compressed pixel data (CRC mismatch) is an error, never a
+    silently damaged image."""
+    path = tmp_path / "c.png"
+    Image.fromarray(_rgb(64, 64)).save(path)
+    data = bytearray(path.read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _assert_read_error(path, "truncated or corrupt")
