@@ -26,7 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spml_deploy.errors import SpmlError
-from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image, write_label_png
+from spml_deploy.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
+                                 write_label_png)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
     report = JobReport()
     todo = []
     for it in items:
-        if skip_existing and label_path(out, it.rel).is_file():
+        if skip_existing and png_is_complete(label_path(out, it.rel)):
             report.skipped += 1
         else:
             todo.append(it)
@@ -176,11 +177,39 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
     bar = tqdm(total=len(items), initial=report.skipped, desc="segment", unit="img",
                disable=not progress, dynamic_ncols=True)
     results_f = open(out / "results.jsonl", "a")
+
+    def fail(group: list[tuple[InputItem, np.ndarray]], message: str) -> None:
+        for it, _ in group:
+            failed_lines.append(f"{it.path}\t{message}")
+        report.failed += len(group)
+        bar.update(len(group))
+
+    def collect(post: Future, group: list[tuple[InputItem, np.ndarray]], staged) -> None:
+        """Take a finished batch: hand its label maps to the writers, record what is done."""
+        try:
+            outputs = post.result()
+        except SpmlError as exc:
+            fail(group, exc.message)
+            return
+        for key, v in staged.timings.items():
+            report.stages[key] += v
+        for (it, img), res in zip(group, outputs):
+            writes.append(writers.submit(_write, out, it, img, res, palette, overlay))
+        for w in [w for w in writes if w.done()]:
+            _finish(w, results_f, report)
+            writes.remove(w)
+        results_f.flush()
+        bar.update(len(group))
+
+    writes: list[Future] = []
     try:
         io_threads = _io_threads()
+        # The network of batch i+1 (this thread) overlaps the classifier / walk / read-out of
+        # batch i (the `post` thread) and the IO (reader and writer threads).
         with ThreadPoolExecutor(max_workers=io_threads) as readers, \
-                ThreadPoolExecutor(max_workers=io_threads) as writers:
-            writes: list[Future] = []
+                ThreadPoolExecutor(max_workers=io_threads) as writers, \
+                ThreadPoolExecutor(max_workers=1) as post_pool:
+            pending = None                  # (future of finish, its batch, its staged batch)
             for group in _batches(todo, batch, readers):
                 good = []
                 for it, img, err, dt in group:
@@ -194,23 +223,15 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
                 if not good:
                     continue
                 try:
-                    outputs = pipeline.predict([img for _, img in good])
+                    staged = pipeline.forward([img for _, img in good])
                 except SpmlError as exc:
-                    for it, _ in good:
-                        failed_lines.append(f"{it.path}\t{exc.message}")
-                        report.failed += 1
-                    bar.update(len(good))
+                    fail(good, exc.message)
                     continue
-                for key, v in pipeline.pop_timings().items():
-                    report.stages[key] += v
-                for (it, img), res in zip(good, outputs):
-                    writes.append(writers.submit(_write, out, it, img, res, palette, overlay))
-                done_writes = [w for w in writes if w.done()]
-                for w in done_writes:
-                    _finish(w, results_f, report)
-                    writes.remove(w)
-                results_f.flush()
-                bar.update(len(good))
+                if pending is not None:
+                    collect(*pending)
+                pending = (post_pool.submit(pipeline.finish, staged), good, staged)
+            if pending is not None:
+                collect(*pending)
             for w in writes:
                 _finish(w, results_f, report)
     finally:
@@ -226,14 +247,18 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
 def _write(out: Path, it: InputItem, image: np.ndarray, res, palette, overlay: bool) -> tuple[dict, float]:
     t = time.perf_counter()
     labels = res.labels
-    write_label_png(label_path(out, it.rel), labels, palette)
     if overlay:
         # zlib level 1: same pixels, ~3x faster to encode than the default level 6 for photos
         # (files ~15% larger); the overlay is a visual aid, the label map keeps the default.
         buf = io.BytesIO()
         Image.fromarray(overlay_image(image, labels, palette)).save(buf, format="PNG",
                                                                     compress_level=1)
-        atomic_write_bytes(out / "overlays" / (it.rel.rsplit(".", 1)[0] + ".png"), buf.getvalue())
+        atomic_write_bytes(out / "overlays" / (it.rel.rsplit(".", 1)[0] + ".png"), buf.getvalue(),
+                           durable=False)
+    # The label map last: it marks the image done for --skip-existing. No fsync: the rename
+    # keeps a killed job from leaving half files, and --skip-existing redoes a label map that a
+    # power loss left incomplete (png_is_complete).
+    write_label_png(label_path(out, it.rel), labels, palette, durable=False)
     counts = np.bincount(labels.ravel(), minlength=256)
     ids = np.flatnonzero(counts)
     names = res.class_names

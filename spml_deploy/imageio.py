@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "set_max_pixels", "get_max_pixels", "read_image",
     "image_size", "read_label_png", "encode_label_png", "write_label_png", "default_palette",
-    "atomic_write_bytes",
+    "atomic_write_bytes", "png_is_complete",
     "atomic_write_text",
 ]
 
@@ -380,17 +380,40 @@ def _palette_bytes(palette: list[tuple[int, int, int]] | None) -> bytes:
 
 
 def write_label_png(path: str | Path, labels: np.ndarray,
-                    palette: list[tuple[int, int, int]] | None = None) -> Path:
+                    palette: list[tuple[int, int, int]] | None = None, *,
+                    durable: bool = True) -> Path:
     """Write :func:`encode_label_png` of ``labels`` to ``path`` atomically (parent folders are
-    created). Returns the path written."""
-    return atomic_write_bytes(path, encode_label_png(labels, palette))
+    created; ``durable`` as in :func:`atomic_write_bytes`). Returns the path written."""
+    return atomic_write_bytes(path, encode_label_png(labels, palette), durable=durable)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG file that ends with its IEND chunk (cheap: reads 8 + 12 bytes).
+
+    Used to resume batch jobs that write without ``fsync``: after a power loss a file renamed
+    into place may be empty or cut short, and such a file must be redone, not skipped.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            f.seek(-len(_PNG_IEND), os.SEEK_END)
+            return f.read() == _PNG_IEND
+    except OSError:
+        return False
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder + os.replace).
 
-    Readers see either the old file or the complete new one, never a partial write. Parent
-    folders are created. Returns the path.
+    Readers see either the old file or the complete new one, never a partial write, also when
+    the process is killed. Parent folders are created. ``durable``: ``fsync`` the data before
+    the rename, so that it also survives a power loss or kernel crash (about 2 ms per file on an
+    SSD; batch outputs that are checked on resume, see :func:`png_is_complete`, skip it).
+    Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -398,8 +421,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         # mkstemp creates the file 0600; give it the permissions a plain open() would have.
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
         os.chmod(tmp, mode)

@@ -7,6 +7,7 @@ stride 4 — and everything after that is this module's host code, shared by all
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,20 @@ class Prediction:
     scores: np.ndarray | None = None     # [C, H, W] class scores when asked for
 
 
+@dataclass
+class Staged:
+    """A batch between :meth:`Pipeline.forward` and :meth:`Pipeline.finish`: the input images,
+    their placement in the padded input [PH, PW], the network outputs (unit embeddings
+    [B, D, h, w], logits [B, C, h, w]) and the seconds spent per stage so far."""
+
+    images: list[np.ndarray]
+    prepped: list[Prepared]
+    padded_hw: tuple[int, int]
+    phi: torch.Tensor
+    logits: torch.Tensor
+    timings: dict[str, float]
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     classifier: str = "softmax"          # "softmax" (the trained f0/f1) or "knn" (prototype memory)
@@ -225,6 +240,7 @@ class Pipeline:
         self.memory = memory
         self.device = getattr(backend, "device", torch.device("cpu"))
         self._timings: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
@@ -232,40 +248,65 @@ class Pipeline:
             close()
 
     def pop_timings(self) -> dict[str, float]:
-        t, self._timings = self._timings, {}
+        """Seconds per stage summed over the :meth:`predict` calls since the last pop."""
+        with self._lock:
+            t, self._timings = self._timings, {}
         return t
 
-    def _tick(self, key: str, t0: float) -> float:
+    def _tick(self, timings: dict[str, float], key: str, t0: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self._timings[key] = self._timings.get(key, 0.0) + now - t0
+        timings[key] = timings.get(key, 0.0) + now - t0
         return now
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Label maps for a list of RGB uint8 images (any sizes)."""
+        """Label maps for a list of RGB uint8 images (any sizes): :meth:`finish` of
+        :meth:`forward`."""
+        staged = self.forward(images)
+        results = self.finish(staged)
+        with self._lock:
+            for k, v in staged.timings.items():
+                self._timings[k] = self._timings.get(k, 0.0) + v
+        return results
+
+    @torch.no_grad()
+    def forward(self, images: list[np.ndarray]) -> "Staged":
+        """First half of :meth:`predict`: preprocessing and the network (the backend call).
+
+        A batch job can run :meth:`finish` of one batch in a second thread while this runs for
+        the next one (``forward`` calls must come from one thread, as must ``finish`` calls).
+        """
+        timings: dict[str, float] = {}
         t = time.perf_counter()
         xt, prepped = prepare_batch(images, self.pp, self.device)
-        ph, pw = xt.shape[-2:]
-        t = self._tick("read+preprocess", t)
+        t = self._tick(timings, "read+preprocess", t)
         phi, logits = self.backend(xt)
-        t = self._tick("network", t)
+        self._tick(timings, "network", t)
+        return Staged(images, prepped, tuple(xt.shape[-2:]), phi, logits, timings)
+
+    @torch.no_grad()
+    def finish(self, staged: "Staged") -> list[Prediction]:
+        """Second half of :meth:`predict`: classifier (softmax or kNN), optional random walk
+        and CRF, label maps at the original sizes. Adds its stage times to ``staged.timings``."""
+        timings, images, prepped, phi = staged.timings, staged.images, staged.prepped, staged.phi
+        t = time.perf_counter()
         B, _, h, w = phi.shape
         valid = valid_cells(prepped, h, w, phi.device)
         if self.opt.classifier == "softmax":
-            scores = torch.softmax(logits.float(), dim=1)
+            scores = torch.softmax(staged.logits.float(), dim=1)
         else:
             scores = self._knn_scores(phi, valid)
-        t = self._tick("classifier", t)
+        t = self._tick(timings, "classifier", t)
         if self.opt.refine:
             scores = self._refine(scores, phi, valid)
-            t = self._tick("refine", t)
-        up = F.interpolate(scores, size=(ph, pw), mode="bilinear", align_corners=False)
+            t = self._tick(timings, "refine", t)
+        up = F.interpolate(scores, size=staged.padded_hw, mode="bilinear", align_corners=False)
         if self.opt.crf:
-            t = self._tick("postprocess", t)
+            t = self._tick(timings, "postprocess", t)
             crf_q = self._crf(images, up, prepped)                       # [C, H, W] each
-            t = self._tick("crf", t)
+            t = self._tick(timings, "crf", t)
         labels = None if self.opt.crf else class_argmax(up)              # [B, ph, pw] uint8
         results = []
         for i, p in enumerate(prepped):
@@ -281,9 +322,9 @@ class Pipeline:
                     keep = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw,
                                          mode="bilinear", align_corners=False)[0].cpu().numpy()
             results.append(Prediction(lab, self.class_names, {}, keep))
-        t = self._tick("postprocess", t)
+        self._tick(timings, "postprocess", t)
         n = len(images)
-        per_image = {k: v / n for k, v in self._timings.items()}
+        per_image = {k: v / n for k, v in timings.items()}
         for r in results:
             r.timings = per_image
         return results

@@ -296,3 +296,86 @@ def test_results_record_counts_every_class(run, tmp_path):
         ids, counts = np.unique(lab, return_counts=True)
         assert r["classes"] == {names[i]: int(c) for i, c in zip(ids, counts)}
         assert list(r["classes"]) == [names[i] for i in ids]          # ascending class ids
+
+
+def test_pipelined_job_equals_predict(run, folder, tmp_path):
+    """The job overlaps the network of one batch with the read-out of the previous one: the
+    label maps are still exactly Pipeline.predict's, image by image, with kNN and refinement."""
+    from spml_deploy.imageio import read_image
+    from spml_deploy.pipeline import PrototypeMemory
+
+    rng = np.random.default_rng(2)
+    protos = rng.normal(size=(60, 32)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    base = load_pipeline(run)
+    pipe = Pipeline(base.backend, base.pp, base.class_names, base.palette,
+                    PipelineOptions(classifier="knn", refine=True),
+                    memory=PrototypeMemory(protos, rng.integers(0, 4, 60), num_classes=4, k=5))
+    report = run_segment_job(pipe, folder, tmp_path / "out", batch=1, progress=False)
+    assert report.done == len(GOOD)
+    assert {"network", "classifier", "refine", "postprocess", "write"} <= set(report.stages)
+    for rel in GOOD:
+        (ref,) = pipe.predict([read_image(folder / rel)])
+        got = np.asarray(Image.open(tmp_path / "out" / "labels" / (rel.rsplit(".", 1)[0] + ".png")))
+        np.testing.assert_array_equal(got, ref.labels, err_msg=rel)
+
+
+class _FailingFinish:
+    """A pipeline whose read-out fails for batches holding an image of the given width."""
+
+    def __init__(self, pipe, width):
+        self.pipe, self.width, self.palette = pipe, width, pipe.palette
+
+    def forward(self, images):
+        return self.pipe.forward(images)
+
+    def finish(self, staged):
+        from spml_deploy.errors import SpmlError
+
+        if any(im.shape[1] == self.width for im in staged.images):
+            raise SpmlError("read-out failed on purpose", fix="none")
+        return self.pipe.finish(staged)
+
+
+def test_failing_batch_is_reported_and_the_job_goes_on(run, folder, tmp_path):
+    out = tmp_path / "out"
+    report = run_segment_job(_FailingFinish(load_pipeline(run), 70), folder, out, batch=1,
+                             progress=False)
+    assert (report.done, report.failed) == (len(GOOD) - 1, len(BAD) + 1)
+    failed = dict(line.split("\t") for line in (out / "failed.txt").read_text().splitlines())
+    assert failed[str(folder / "a.png")] == "read-out failed on purpose"
+    assert not (out / "labels" / "a.png").exists()
+    assert (out / "labels" / "rgba.png").is_file()
+
+
+def test_skip_existing_redoes_incomplete_label_maps(run, folder, tmp_path):
+    """Label maps are written without fsync; a file a power loss left empty or cut short is
+    redone on resume, a complete one is skipped."""
+    from spml_deploy.imageio import png_is_complete
+
+    out = tmp_path / "out"
+    pipe = load_pipeline(run)
+    run_segment_job(pipe, folder, out, progress=False)
+    full = (out / "labels" / "a.png").read_bytes()
+    (out / "labels" / "a.png").write_bytes(full[: len(full) // 2])
+    (out / "labels" / "rgba.png").write_bytes(b"")
+    assert not png_is_complete(out / "labels" / "a.png")
+    assert png_is_complete(out / "labels" / "deep16.png")
+    report = run_segment_job(pipe, folder, out, skip_existing=True, progress=False)
+    assert (report.done, report.skipped) == (2, len(GOOD) - 2)
+    assert (out / "labels" / "a.png").read_bytes() == full
+    assert png_is_complete(out / "labels" / "rgba.png")
+
+
+def test_predict_timings_are_per_call(run, folder):
+    """Per-image timings describe one call (they used to add up over calls); pop_timings sums
+    the calls since the last pop."""
+    from spml_deploy.imageio import read_image
+
+    pipe = load_pipeline(run)
+    image = read_image(folder / "a.png")
+    pipe.pop_timings()
+    firsts = [pipe.predict([image])[0].timings["network"] for _ in range(3)]
+    total = pipe.pop_timings()["network"]
+    assert total == pytest.approx(sum(firsts), rel=1e-9)
+    assert pipe.pop_timings() == {}
