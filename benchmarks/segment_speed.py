@@ -12,8 +12,10 @@ Target (issue 4): everything after the network (classifier, kNN, refinement, IO)
 * ``non-network % of wall`` (the target check): ``1 - network / wall`` -- everything the job
   spends outside the backend call, i.e. reading + decoding the image files, preprocessing,
   classifier / kNN, refinement, the label read-out and the writing of the outputs, plus the
-  job's own overhead. Reading and writing run in background threads, so only the part of them
-  that does not overlap with the main thread counts here.
+  job's own overhead. Reading and writing run in background threads, and the classifier /
+  kNN / refinement / read-out of one batch run in a second thread while the network computes
+  the next batch (``Pipeline.forward`` / ``Pipeline.finish``), so only the part of them that
+  does not overlap with the network counts here.
 * ``post-network % of stages``: (classifier + refine + postprocess + write) / (sum of the
   stage times), i.e. reading and preprocessing left out; stage times are summed over threads.
 
@@ -292,8 +294,9 @@ def write_report(path: Path, rows: list[dict[str, Any]], args, meta: dict[str, A
         "writes). **non-network % of wall** = 1 - network / wall: the target check. It counts "
         "everything that is not the backend call -- classifier, kNN, refinement, the label "
         "read-out and **all IO, reading and decoding the image files included** -- but, as "
-        "reading and writing run in background threads, only the part of them the main thread "
-        "waits for. **non-network % of CPU** = 1 - network CPU / process CPU: the same split in "
+        "reading and writing run in background threads and the read-out of a batch (classifier, "
+        "kNN, refinement, label maps) runs in a second thread while the network computes the "
+        "next batch, only the part of them that does not overlap with the network. **non-network % of CPU** = 1 - network CPU / process CPU: the same split in "
         "CPU time, which does not depend on the other jobs of a shared machine and charges the "
         "background IO in full (only with one intra-op thread on the CPU, where the network "
         "computes on the calling thread). **post-network % of stages** = (classifier + refine + "
@@ -302,11 +305,12 @@ def write_report(path: Path, rows: list[dict[str, Any]], args, meta: dict[str, A
         *_summary_table(rows, meta["device_kind"]),
         "",
         "Per stage: ms/image (wall time of the stage, summed over the threads that run it) and its "
-        "share of the summed stage times. `read+preprocess`: file read + decode (reader threads) "
-        "and resize / uint8 upload / normalise (main thread); `classifier`: softmax, or for knn "
+        "share of the summed stage times. `read+preprocess`: file read + decode + resize (reader "
+        "threads) and uint8 upload / normalise (main thread); `classifier` (like `refine` and "
+        "`postprocess`, in the read-out thread): softmax, or for knn "
         "the k-means segments of every image + the vote of the k nearest memory prototypes; "
         "`postprocess`: upsampling of the class scores, argmax, resize to the original size; "
-        "`write`: label PNG encoding, atomic write (fsync) and the results.jsonl record (writer "
+        "`write`: label PNG encoding, atomic write (rename, no fsync) and the results.jsonl record (writer "
         "threads).",
         "",
         *_stage_table(rows),

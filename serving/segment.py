@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from spml_deploy.errors import SpmlError
 from spml_deploy.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
                                  write_label_png)
+from spml_deploy.pipeline import resize_for_network
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +126,27 @@ class JobReport:
                 "stages_s": dict(self.stages)}
 
 
-def _read(item: InputItem) -> tuple[InputItem, np.ndarray | None, str | None, float]:
+def _read(item: InputItem, pp=None) -> tuple[InputItem, tuple | None, str | None, float]:
+    """Read and decode one image; with a :class:`PreprocessConfig` ``pp`` also resize it for the
+    network (off the main thread). Returns (item, (image, resized or None) or None, error, s)."""
     t = time.perf_counter()
     try:
-        return item, read_image(item.path), None, time.perf_counter() - t
+        image = read_image(item.path)
+        resized = resize_for_network(image, pp) if pp is not None else None
+        return item, (image, resized), None, time.perf_counter() - t
     except SpmlError as exc:
         return item, None, exc.message, time.perf_counter() - t
     except Exception as exc:  # any decoder error: report it, keep going
         return item, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t
 
 
-def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor
-             ) -> Iterator[list[tuple[InputItem, np.ndarray | None, str | None, float]]]:
+def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor, pp=None
+             ) -> Iterator[list[tuple[InputItem, tuple | None, str | None, float]]]:
     """Read images in background threads, one batch ahead of the consumer."""
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     pending: list[list[Future]] = []
     for i, chunk in enumerate(chunks):
-        pending.append([pool.submit(_read, it) for it in chunk])
+        pending.append([pool.submit(_read, it, pp) for it in chunk])
         if i >= 1:
             yield [f.result() for f in pending.pop(0)]
     while pending:
@@ -210,20 +215,23 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
                 ThreadPoolExecutor(max_workers=io_threads) as writers, \
                 ThreadPoolExecutor(max_workers=1) as post_pool:
             pending = None                  # (future of finish, its batch, its staged batch)
-            for group in _batches(todo, batch, readers):
-                good = []
-                for it, img, err, dt in group:
+            pp = getattr(pipeline, "pp", None)
+            for group in _batches(todo, batch, readers, pp):
+                good, resized = [], []
+                for it, read, err, dt in group:
                     report.stages["read+preprocess"] += dt
                     if err is not None:
                         failed_lines.append(f"{it.path}\t{err}")
                         report.failed += 1
                         bar.update(1)
                     else:
-                        good.append((it, img))
+                        good.append((it, read[0]))
+                        resized.append(read[1])
                 if not good:
                     continue
                 try:
-                    staged = pipeline.forward([img for _, img in good])
+                    staged = pipeline.forward([img for _, img in good],
+                                              resized if pp is not None else None)
                 except SpmlError as exc:
                     fail(good, exc.message)
                     continue

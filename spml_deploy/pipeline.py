@@ -63,17 +63,24 @@ def preprocess(image: np.ndarray, pp: PreprocessConfig) -> tuple[np.ndarray, Pre
 
 
 def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[Prepared]]:
+                  device: torch.device | str = "cpu",
+                  resized: list[tuple[np.ndarray, Prepared]] | None = None,
+                  ) -> tuple[torch.Tensor, list[Prepared]]:
     """A batch of RGB uint8 images (any sizes) -> the network input on ``device``, + metas.
 
     Returns normalised float32 [B, 3, PH, PW] (PH, PW: the largest padded size of the batch),
     every image at the top-left corner and zeros elsewhere: the same values as stacking
     :func:`preprocess` of each image. The images are resized on the host and sent to the device
     as uint8 (a quarter of the bytes; pinned memory on CUDA); the normalisation runs there, with
-    the same float32 operations in the same order as :func:`preprocess`.
+    the same float32 operations in the same order as :func:`preprocess`. ``resized``: the
+    images' :func:`resize_for_network` results when the caller already has them (a batch job
+    resizes in its reader threads).
     """
     device = torch.device(device)
-    resized = [resize_for_network(im, pp) for im in images]
+    if resized is None:
+        resized = [resize_for_network(im, pp) for im in images]
+    elif len(resized) != len(images):
+        raise ValueError(f"prepare_batch: {len(resized)} resized images for {len(images)} images")
     ph = max(p.padded_hw[0] for _, p in resized)
     pw = max(p.padded_hw[1] for _, p in resized)
     host = torch.zeros((len(images), ph, pw, 3), dtype=torch.uint8,
@@ -272,15 +279,18 @@ class Pipeline:
         return results
 
     @torch.no_grad()
-    def forward(self, images: list[np.ndarray]) -> "Staged":
+    def forward(self, images: list[np.ndarray],
+                resized: list[tuple[np.ndarray, Prepared]] | None = None) -> "Staged":
         """First half of :meth:`predict`: preprocessing and the network (the backend call).
 
-        A batch job can run :meth:`finish` of one batch in a second thread while this runs for
-        the next one (``forward`` calls must come from one thread, as must ``finish`` calls).
+        ``resized``: :func:`resize_for_network` of every image with this pipeline's ``pp``, when
+        the caller resized them already (e.g. in reader threads). A batch job can run
+        :meth:`finish` of one batch in a second thread while this runs for the next one
+        (``forward`` calls must come from one thread, as must ``finish`` calls).
         """
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        xt, prepped = prepare_batch(images, self.pp, self.device)
+        xt, prepped = prepare_batch(images, self.pp, self.device, resized)
         t = self._tick(timings, "read+preprocess", t)
         phi, logits = self.backend(xt)
         self._tick(timings, "network", t)

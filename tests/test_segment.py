@@ -196,6 +196,11 @@ def test_prepare_batch_equals_stacked_preprocess(max_side, pad):
     assert meta == ref_meta and x.dtype == torch.float32 and x.is_contiguous()
     assert torch.equal(x, ref)                                   # bit for bit
     assert torch.equal(torch.signbit(x), torch.signbit(ref))    # padding is +0.0
+    from spml_deploy.pipeline import resize_for_network          # resized ahead (reader threads)
+    x2, meta2 = prepare_batch(images, pp, resized=[resize_for_network(im, pp) for im in images])
+    assert meta2 == ref_meta and torch.equal(x2, ref)
+    with pytest.raises(ValueError, match="resized images"):
+        prepare_batch(images, pp, resized=[resize_for_network(images[0], pp)])
 
 
 def test_class_argmax_equals_torch_argmax():
@@ -324,10 +329,10 @@ class _FailingFinish:
     """A pipeline whose read-out fails for batches holding an image of the given width."""
 
     def __init__(self, pipe, width):
-        self.pipe, self.width, self.palette = pipe, width, pipe.palette
+        self.pipe, self.width, self.palette, self.pp = pipe, width, pipe.palette, pipe.pp
 
-    def forward(self, images):
-        return self.pipe.forward(images)
+    def forward(self, images, resized=None):
+        return self.pipe.forward(images, resized)
 
     def finish(self, staged):
         from spml_deploy.errors import SpmlError
