@@ -450,11 +450,11 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
         with ThreadPoolExecutor(max_workers=2) as readers:
             for group in _batches(todo, max(1, int(batch)), readers):
                 good = []
-                for it, img, err, _ in group:
-                    if err is None:
-                        good.append((it, img))
+                for r in group:
+                    if r.error is None:
+                        good.append((r.item, r.image))
                     else:
-                        report.failed.append((str(it.path), err))
+                        report.failed.append((str(r.item.path), r.error))
                 if good:
                     try:
                         segs = segment_images(be, manifest.preprocess, [im for _, im in good],

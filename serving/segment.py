@@ -126,22 +126,35 @@ class JobReport:
                 "stages_s": dict(self.stages)}
 
 
-def _read(item: InputItem, pp=None) -> tuple[InputItem, tuple | None, str | None, float]:
+@dataclass
+class _Read:
+    """One image read by a reader thread: the decoded image (None on error), its
+    :func:`resize_for_network` result when a preprocessing config was given, the error message
+    and the seconds spent."""
+
+    item: InputItem
+    image: np.ndarray | None
+    resized: tuple | None
+    error: str | None
+    seconds: float
+
+
+def _read(item: InputItem, pp=None) -> _Read:
     """Read and decode one image; with a :class:`PreprocessConfig` ``pp`` also resize it for the
-    network (off the main thread). Returns (item, (image, resized or None) or None, error, s)."""
+    network (off the main thread)."""
     t = time.perf_counter()
     try:
         image = read_image(item.path)
         resized = resize_for_network(image, pp) if pp is not None else None
-        return item, (image, resized), None, time.perf_counter() - t
+        return _Read(item, image, resized, None, time.perf_counter() - t)
     except SpmlError as exc:
-        return item, None, exc.message, time.perf_counter() - t
+        return _Read(item, None, None, exc.message, time.perf_counter() - t)
     except Exception as exc:  # any decoder error: report it, keep going
-        return item, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t
+        return _Read(item, None, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
 
 
 def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor, pp=None
-             ) -> Iterator[list[tuple[InputItem, tuple | None, str | None, float]]]:
+             ) -> Iterator[list[_Read]]:
     """Read images in background threads, one batch ahead of the consumer."""
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     pending: list[list[Future]] = []
@@ -218,15 +231,15 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
             pp = getattr(pipeline, "pp", None)
             for group in _batches(todo, batch, readers, pp):
                 good, resized = [], []
-                for it, read, err, dt in group:
-                    report.stages["read+preprocess"] += dt
-                    if err is not None:
-                        failed_lines.append(f"{it.path}\t{err}")
+                for r in group:
+                    report.stages["read+preprocess"] += r.seconds
+                    if r.error is not None:
+                        failed_lines.append(f"{r.item.path}\t{r.error}")
                         report.failed += 1
                         bar.update(1)
                     else:
-                        good.append((it, read[0]))
-                        resized.append(read[1])
+                        good.append((r.item, r.image))
+                        resized.append(r.resized)
                 if not good:
                     continue
                 try:
