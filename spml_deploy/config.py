@@ -126,6 +126,7 @@ class TrainConfig:
     box_threshold: float = 0.5
     overseg: str = "felzenszwalb"
     overseg_regions: int = 256      # at most this many over-segmentation regions per image
+    crf: bool = False               # DenseCRF on the pseudo labels (spec 7.4/7.5; optional package)
     pretrained: str = ""            # path to ImageNet weights (torchvision state dict), "" = scratch
     workers: int = 0                # data-loading worker processes (0 = in the training process)
     train_split: str = "train"

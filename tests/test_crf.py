@@ -306,3 +306,61 @@ def test_cli_segment_with_crf(tmp_path, capsys):
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
     assert record["timings_ms"]["crf"] > 0
     assert Image.open(tmp_path / "out" / "labels" / "a.png").size == (44, 30)
+
+
+# ------------------------------------------------------------------------------------------
+# pseudo labels (spec 7.4: DenseCRF after the walk), switched on by train.crf
+
+
+def test_train_crf_without_package_fails_before_training(no_crf):
+    from spml_deploy.training.train import resolve_config
+
+    assert not resolve_config(3, "points", "tiny", None, {}).train.crf      # off by default
+    with pytest.raises(MissingDependencyError, match="pydensecrf"):
+        resolve_config(3, "points", "tiny", None, {"train": {"crf": True}})
+    assert no_crf.attempts
+
+
+@needs_crf
+def test_pseudo_labels_walk_then_crf_at_the_original_size():
+    """Algorithm 1 with train.crf: argmax of the DenseCRF of the walked, upsampled scores taken
+    to the original size; without it, the plain argmax of the walk (unchanged)."""
+    from dataclasses import replace
+
+    from spml_deploy.pipeline import preprocess
+    from spml_deploy.refine import refine_labels
+    from spml_deploy.training.pseudo import _walk_to_labels
+    from spml_deploy.training.train import resolve_config
+
+    cfg = resolve_config(3, "points", "tiny", None, {})
+    cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_side=32))
+    h, w, edge = 36, 44, 20                       # resized to 27x32, padded to 32x32
+    img = _two_colour(h, w, edge)
+    _, prep = preprocess(img, cfg.preprocess)
+    ph, pw = prep.padded_hw
+    rng = np.random.default_rng(0)
+    colour = torch.zeros(1, 3, ph // 4, pw // 4)
+    cut = round(edge * prep.resized_hw[1] / w / 4)
+    colour[0, 1, :, :cut], colour[0, 2, :, cut:] = 1.0, 1.0
+    phi = F.normalize(colour + 0.05 * torch.from_numpy(rng.normal(size=colour.shape)).float(), dim=1)
+    scores = torch.softmax(torch.from_numpy(rng.normal(size=(1, 3, ph // 4, pw // 4))).float() * 2
+                           + 1.5 * colour, dim=1)
+    present = torch.tensor([[True, True, True]])
+
+    plain = _walk_to_labels(scores, [phi], prep, present, cfg)
+    with_crf = _walk_to_labels(scores, [phi], prep, present, cfg, crf_image=img)
+    valid = torch.zeros(1, ph, pw, dtype=torch.bool)
+    valid[:, : prep.resized_hw[0], : prep.resized_hw[1]] = True
+    seg = cfg.segmentation
+    labels, up = refine_labels(scores, [phi], present, (ph, pw), valid=valid, beta=seg.rw_beta,
+                               alpha=seg.rw_alpha, squarings=seg.rw_squarings, return_scores=True)
+    rh, rw = prep.resized_hw
+    full = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[0]
+    assert with_crf.shape == plain.shape == (h, w) and with_crf.dtype == np.uint8
+    np.testing.assert_array_equal(with_crf, dense_crf(img, full.numpy()).argmax(0))
+    from spml_deploy.pipeline import labels_to_original
+    np.testing.assert_array_equal(
+        plain, labels_to_original(labels[0, :rh, :rw].to(torch.uint8).numpy(), prep))
+    truth = np.where(np.arange(w)[None, :] < edge, 1, 2).repeat(h, 0)
+    print("pseudo-label accuracy: walk", (plain == truth).mean(), "walk + CRF", (with_crf == truth).mean())
+    assert (with_crf == truth).mean() >= (plain == truth).mean()     # the CRF follows the edge

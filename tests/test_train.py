@@ -181,3 +181,36 @@ def test_tiny_run_lowers_the_loss(scenes, tmp_path):
     loss = [r["loss"] for r in log if "loss" in r]
     assert len(loss) == 40
     assert np.mean(loss[-8:]) < 0.9 * np.mean(loss[:8]), loss
+
+
+@pytest.mark.parametrize("supervision", ["tags", "boxes"])
+def test_cam_supervisions_run_every_stage(scenes, tmp_path, supervision):
+    """Tags (Algorithm 2: CAM, CAM walk, kNN propagation, f1, round 2, f2) and boxes (box-CAM
+    labels, Algorithm 1) end to end: every stage writes a pseudo label map of the image's size
+    for every training image, the walks keep to the image's tags (plus background), and the run
+    has its classifier and memory. With the optional CRF package, the tags run also applies
+    DenseCRF (after the CAM walk and the kNN votes)."""
+    from spml_deploy.crf import crf_available
+    from spml_deploy.data import load_dataset
+    from spml_deploy.imageio import read_label_png
+
+    crf = supervision == "tags" and crf_available()
+    run = tmp_path / "run"
+    res = train(scenes, supervision, run, progress=False,
+                overrides=_overrides(cam_iters=2, crf=crf))
+    assert res["steps"] == 4
+    for name in ("classifier.pt", "memory.npz", "spml.json"):
+        assert (run / name).is_file(), name
+    ds = load_dataset(scenes)
+    # every stage's label maps: pseudo/<stem>.png (boxes), pseudo/round{1,2}{,-walk}/ (tags)
+    folders = sorted({p.parent for p in (run / "pseudo").rglob("*.png")})
+    assert len(folders) == (4 if supervision == "tags" else 1), folders
+    for folder in folders:
+        for rec in ds.split("train"):
+            lab = read_label_png(folder / f"{rec.stem}.png")
+            assert lab.shape == (rec.height, rec.width)
+            # walks keep to the tags; the kNN votes (round1/, round2/) divide absent classes by
+            # 1 instead of zeroing them (spec 7.3), so other classes may appear there
+            if supervision == "boxes" or folder.name.endswith("-walk"):
+                assert set(np.unique(lab).tolist()) <= {0, *rec.tags}, (folder, rec.stem)
+    assert json.loads((run / "config.json").read_text())["train"]["crf"] == crf

@@ -10,7 +10,10 @@ Stages, each resumable (its outputs are files in the run folder; a finished stag
 * ``classifier``: f1 (f2 for tags) trained on the frozen embeddings (``classifier.pt``).
 * ``memory``: k-means segments of the training images with majority-vote pseudo labels, saved as
   ``memory.npz`` (prototypes + labels) for kNN label retrieval (k = 20).
-DenseCRF is not applied (optional in the spec; no maintained package).
+DenseCRF (spec 7.5) is applied where the spec puts it -- after the random walk of Algorithm 1
+and of Algorithm 2's CAM walk, and after the soft kNN vote -- only with ``train.crf`` (it needs
+the optional ``pydensecrf2`` package; see :mod:`spml_deploy.crf`). Round 2's one-step walk has
+no CRF (spec 7.4, Algorithm 2 step 5).
 """
 from __future__ import annotations
 
@@ -48,18 +51,37 @@ def embed(net, image: np.ndarray, cfg: RunConfig, device) -> tuple[list[torch.Te
     return passes, prep, valid_cells([prep], *phi.shape[-2:], phi.device)
 
 
+def _scores_to_labels(up: torch.Tensor, prep: Prepared, image: np.ndarray | None) -> np.ndarray:
+    """Scores at the resized size [1, C, rh, rw] -> label map at the original size: argmax, or
+    with ``image`` (the original RGB image) the argmax of the DenseCRF marginals of the scores
+    resized (bilinear) to the original size (spec 7.5; the scores are used as given)."""
+    if image is None:
+        lab = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        return labels_to_original(lab, prep)
+    from spml_deploy.crf import dense_crf
+
+    s = F.interpolate(up.float(), size=prep.orig_hw, mode="bilinear", align_corners=False)[0]
+    q = dense_crf(np.ascontiguousarray(image, np.uint8), s.cpu().numpy())
+    return q.argmax(0).astype(np.uint8)
+
+
 def _walk_to_labels(scores: torch.Tensor, passes: list[torch.Tensor], prep: Prepared,
                     present: torch.Tensor | None, cfg: RunConfig, normalize: bool = True,
-                    squarings: int | None = None) -> np.ndarray:
-    """Score map at stride 4 [1, C, h, w] -> random walk -> label map at the original size."""
+                    squarings: int | None = None, crf_image: np.ndarray | None = None) -> np.ndarray:
+    """Score map at stride 4 [1, C, h, w] -> random walk -> label map at the original size
+    (through DenseCRF when ``crf_image``, the original image, is given)."""
     ph, pw = prep.padded_hw
     valid = torch.zeros(1, ph, pw, dtype=torch.bool, device=scores.device)
     valid[:, : prep.resized_hw[0], : prep.resized_hw[1]] = True
     seg = cfg.segmentation
     if squarings is None:
-        labels = refine_labels(scores, passes, present, (ph, pw), valid=valid,
-                               normalize_scores=normalize, beta=seg.rw_beta, alpha=seg.rw_alpha,
-                               squarings=seg.rw_squarings)
+        labels, up = refine_labels(scores, passes, present, (ph, pw), valid=valid,
+                                   normalize_scores=normalize, beta=seg.rw_beta,
+                                   alpha=seg.rw_alpha, squarings=seg.rw_squarings,
+                                   return_scores=True)
+        if crf_image is not None:
+            return _scores_to_labels(up[..., : prep.resized_hw[0], : prep.resized_hw[1]], prep,
+                                     crf_image)
     else:  # Algorithm 2 round 2: one step M·T (no squaring)
         gh, gw = ph // 8, pw // 8
         m = F.interpolate(scores, size=(gh, gw), mode="bilinear", align_corners=False)
@@ -95,7 +117,8 @@ def algorithm1(net, f0, items, cfg: RunConfig, C: int, out_dir: Path, device,
             passes, prep, _ = embed(net, image, cfg, device)
             probs = sum(torch.softmax(f0(p), dim=1) for p in passes) / len(passes)
             present = _present(read_label_png(it.label), C, device)
-            write_label_png(dst, _walk_to_labels(probs, passes, prep, present, cfg))
+            write_label_png(dst, _walk_to_labels(probs, passes, prep, present, cfg,
+                                                 crf_image=image if cfg.train.crf else None))
         pairs.append((it.image, dst))
     return pairs
 
@@ -154,8 +177,8 @@ def knn_propagate(net, pairs, memory: tuple[np.ndarray, np.ndarray], cfg: RunCon
             peak = smap.flatten(2).amax(2).clamp_min(0.15)
             present = present_of[stem]
             denom = torch.where(present, peak, torch.ones_like(peak))
-            lab = (smap / denom[..., None, None]).argmax(1)[0].to(torch.uint8).cpu().numpy()
-            write_label_png(dst, labels_to_original(lab, prep))
+            write_label_png(dst, _scores_to_labels(smap / denom[..., None, None], prep,
+                                                   image if cfg.train.crf else None))
         out.append((img_path, dst))
     return out
 
@@ -183,7 +206,8 @@ def cam_walk(net, cam_model, items, records_by_stem, cfg: RunConfig, C: int, out
             full = torch.zeros(1, C, *prep.padded_hw)
             full[0, :, :rh, :rw] = s
             write_label_png(dst, _walk_to_labels(full.to(device), passes, prep, None, cfg,
-                                                 normalize=False))
+                                                 normalize=False,
+                                                 crf_image=image if cfg.train.crf else None))
         pairs.append((it.image, dst))
     return pairs
 

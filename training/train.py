@@ -195,6 +195,10 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     if cfg.train.crop % 8:
         raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
                           fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
+    if cfg.train.crf:
+        from spml_deploy.crf import require_crf
+
+        require_crf()       # before any training, not after it at the pseudo-label stage
     if cfg.model.num_classes != num_classes:
         cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
     if cfg.preprocess.max_side == 512 and cfg.train.crop != 512:
