@@ -93,11 +93,9 @@ def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
     std = torch.tensor(pp.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     scale = torch.tensor(pp.scale, dtype=torch.float32, device=device)
     x = u.float().mul_(scale).sub_(mean).div_(std)
-    rows = torch.tensor([p.resized_hw[0] for _, p in resized], device=device)
-    cols = torch.tensor([p.resized_hw[1] for _, p in resized], device=device)
-    inside = ((torch.arange(ph, device=device)[None, :, None] < rows[:, None, None])
-              & (torch.arange(pw, device=device)[None, None, :] < cols[:, None, None]))
-    return x.masked_fill_(~inside[:, None], 0.0), [p for _, p in resized]
+    prepped = [p for _, p in resized]
+    inside = valid_cells(prepped, ph, pw, device, stride=1)                    # [B, PH, PW]
+    return x.masked_fill_(~inside[:, None], 0.0), prepped
 
 
 def valid_cells(prepped: list[Prepared], h: int, w: int, device: torch.device | str = "cpu",
@@ -127,6 +125,16 @@ def labels_to_original(labels: np.ndarray, prep: Prepared) -> np.ndarray:
         return cv2.resize(np.ascontiguousarray(labels, np.uint8), (w, h),
                           interpolation=cv2.INTER_NEAREST)
     return np.array(labels, np.uint8, order="C")
+
+
+def crf_at_original(image: np.ndarray, scores: torch.Tensor, prep: Prepared) -> np.ndarray:
+    """DenseCRF marginals float32 [C, H, W] of one image (spec 7.5): its class scores at the
+    resized size [1, C, rh, rw] resized (bilinear) to the original size H x W and refined with
+    the original RGB image (uint8 [H, W, 3]). Needs the optional CRF package."""
+    from spml_deploy.crf import dense_crf
+
+    s = F.interpolate(scores.float(), size=prep.orig_hw, mode="bilinear", align_corners=False)[0]
+    return dense_crf(np.ascontiguousarray(image, np.uint8), s.cpu().numpy())
 
 
 def class_argmax(scores: torch.Tensor) -> np.ndarray:
@@ -341,18 +349,10 @@ class Pipeline:
 
     def _crf(self, images: list[np.ndarray], up: torch.Tensor,
              prepped: list[Prepared]) -> list[np.ndarray]:
-        """DenseCRF marginals [C, H, W] per image (spec 7.5): the upsampled scores ``up``
-        [B, C, PH, PW] cropped to the resized image, resized (bilinear) to the original size,
-        and refined with the original RGB image."""
-        from spml_deploy.crf import dense_crf
-
-        out = []
-        for i, p in enumerate(prepped):
-            rh, rw = p.resized_hw
-            s = F.interpolate(up[i: i + 1, :, :rh, :rw], size=p.orig_hw, mode="bilinear",
-                              align_corners=False)[0]
-            out.append(dense_crf(np.ascontiguousarray(images[i], np.uint8), s.float().cpu().numpy()))
-        return out
+        """DenseCRF marginals [C, H, W] per image (:func:`crf_at_original` of the upsampled
+        scores ``up`` [B, C, PH, PW] cropped to the resized image)."""
+        return [crf_at_original(images[i], up[i: i + 1, :, : p.resized_hw[0], : p.resized_hw[1]], p)
+                for i, p in enumerate(prepped)]
 
     def _knn_scores(self, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One-hot class scores [B, C, h, w]: every pixel takes its k-means segment's kNN vote."""

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import VOID, RunConfig
 from spml_deploy.imageio import read_image, read_label_png, write_label_png
-from spml_deploy.pipeline import Prepared, labels_to_original, preprocess, valid_cells
+from spml_deploy.pipeline import (Prepared, crf_at_original, labels_to_original, preprocess,
+                                  valid_cells)
 from spml_deploy.prototypes import resize_labels_nearest, segment_memory
 from spml_deploy.refine import normalize_score_map, random_walk, refine_labels
 
@@ -53,16 +54,12 @@ def embed(net, image: np.ndarray, cfg: RunConfig, device) -> tuple[list[torch.Te
 
 def _scores_to_labels(up: torch.Tensor, prep: Prepared, image: np.ndarray | None) -> np.ndarray:
     """Scores at the resized size [1, C, rh, rw] -> label map at the original size: argmax, or
-    with ``image`` (the original RGB image) the argmax of the DenseCRF marginals of the scores
-    resized (bilinear) to the original size (spec 7.5; the scores are used as given)."""
+    with ``image`` (the original RGB image) the argmax of the DenseCRF marginals
+    (:func:`spml_deploy.pipeline.crf_at_original`; the scores are used as given)."""
     if image is None:
         lab = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
         return labels_to_original(lab, prep)
-    from spml_deploy.crf import dense_crf
-
-    s = F.interpolate(up.float(), size=prep.orig_hw, mode="bilinear", align_corners=False)[0]
-    q = dense_crf(np.ascontiguousarray(image, np.uint8), s.cpu().numpy())
-    return q.argmax(0).astype(np.uint8)
+    return crf_at_original(image, up, prep).argmax(0).astype(np.uint8)
 
 
 def _walk_to_labels(scores: torch.Tensor, passes: list[torch.Tensor], prep: Prepared,
@@ -71,17 +68,12 @@ def _walk_to_labels(scores: torch.Tensor, passes: list[torch.Tensor], prep: Prep
     """Score map at stride 4 [1, C, h, w] -> random walk -> label map at the original size
     (through DenseCRF when ``crf_image``, the original image, is given)."""
     ph, pw = prep.padded_hw
-    valid = torch.zeros(1, ph, pw, dtype=torch.bool, device=scores.device)
-    valid[:, : prep.resized_hw[0], : prep.resized_hw[1]] = True
+    valid = valid_cells([prep], ph, pw, scores.device, stride=1)
     seg = cfg.segmentation
     if squarings is None:
-        labels, up = refine_labels(scores, passes, present, (ph, pw), valid=valid,
-                                   normalize_scores=normalize, beta=seg.rw_beta,
-                                   alpha=seg.rw_alpha, squarings=seg.rw_squarings,
-                                   return_scores=True)
-        if crf_image is not None:
-            return _scores_to_labels(up[..., : prep.resized_hw[0], : prep.resized_hw[1]], prep,
-                                     crf_image)
+        _, up = refine_labels(scores, passes, present, (ph, pw), valid=valid,
+                              normalize_scores=normalize, beta=seg.rw_beta, alpha=seg.rw_alpha,
+                              squarings=seg.rw_squarings, return_scores=True)
     else:  # Algorithm 2 round 2: one step M·T (no squaring)
         gh, gw = ph // 8, pw // 8
         m = F.interpolate(scores, size=(gh, gw), mode="bilinear", align_corners=False)
@@ -92,9 +84,7 @@ def _walk_to_labels(scores: torch.Tensor, passes: list[torch.Tensor], prep: Prep
         walked = random_walk(m.flatten(2), grid_phi, method="dense", squarings=0,
                              beta=seg.rw_beta, alpha=seg.rw_alpha, valid=gv.flatten(1))
         up = F.interpolate(walked.view(m.shape), size=(ph, pw), mode="bilinear", align_corners=False)
-        labels = up.argmax(1)
-    lab = labels[0, : prep.resized_hw[0], : prep.resized_hw[1]].to(torch.uint8).cpu().numpy()
-    return labels_to_original(lab, prep)
+    return _scores_to_labels(up[..., : prep.resized_hw[0], : prep.resized_hw[1]], prep, crf_image)
 
 
 def _present(weak: np.ndarray, C: int, device) -> torch.Tensor:
