@@ -127,6 +127,10 @@ def untrained_run(folder: Path, preset: str, num_classes: int, memory_size: int,
     np.savez(run / "memory.npz", prototypes=protos,
              labels=rng.integers(0, num_classes, memory_size))
     m.add_file(run, "memory", "memory.npz")
+    from spml_deploy.index import build_memory_index
+
+    build_memory_index(protos, "flat").save(run / "memory_index.npz")
+    m.add_file(run, "memory_index", "memory_index.npz")
     if max_side:
         from dataclasses import replace
 
@@ -350,6 +354,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default="torch,onnxruntime")
     ap.add_argument("--classifiers", default="softmax,knn")
+    ap.add_argument("--knn-search", default="auto",
+                    help="kNN memory search for the knn rows: auto, index (the FAISS memory "
+                         "index), exact; a list (auto,index) runs each")
     ap.add_argument("--refine", default="off,on")
     ap.add_argument("--rw-method", default="auto", help="random-walk method (refine.random_walk)")
     ap.add_argument("--threads", default=str(len(os.sched_getaffinity(0))),
@@ -400,17 +407,19 @@ def main() -> None:
                     opts = {"threads": threads}
                 name = (be if be != "torch" or args.precision == "fp32"
                         else f"torch {args.precision}")
-                for clf in args.classifiers.split(","):
+                for clf, search in [(c, s) for c in args.classifiers.split(",")
+                                    for s in (args.knn_search.split(",") if c == "knn" else ["auto"])]:
+                    clf_name = clf if search == "auto" else f"{clf} ({search})"
                     for ref in args.refine.split(","):
                         refine = ref == "on"
                         options = PipelineOptions(classifier=clf, refine=refine,
-                                                  rw_method=args.rw_method)
+                                                  rw_method=args.rw_method, knn_search=search)
                         pipe = load_pipeline(run if be == "torch" else bundle, backend=be,
                                              device=args.device, options=options, **opts)
                         pipe.backend = TimedBackend(pipe.backend)
                         variants.append({
-                            "label": f"{name}/{threads}t/{clf}/{'refine' if refine else 'plain'}",
-                            "backend": name, "threads": threads, "classifier": clf,
+                            "label": f"{name}/{threads}t/{clf_name}/{'refine' if refine else 'plain'}",
+                            "backend": name, "threads": threads, "classifier": clf_name,
                             "refine": refine, "pipe": pipe})
         side = man.preprocess.max_side
         net_input = (f"longest side resized to {side} (manifest max_side), padded to a multiple "

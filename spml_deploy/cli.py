@@ -230,6 +230,12 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
 @click.option("--classifier", type=click.Choice(["softmax", "knn"]), default="softmax",
               show_default=True, help="softmax: the trained classifier; knn: vote of the 20 most "
                                       "similar training segments (prototype memory).")
+@click.option("--knn-search", type=click.Choice(["auto", "index", "exact"]), default="auto",
+              show_default=True,
+              help="How --classifier knn searches the memory. index: the memory's FAISS index "
+                   "(memory_index.npz); exact: brute force; auto: the index when it is "
+                   "approximate (ivf/ivfpq/hnsw), else exact, which gives the same neighbours "
+                   "as the default flat index and is faster on the CPU.")
 @click.option("--refine/--no-refine", default=False, show_default=True,
               help="Random-walk refinement of the class scores (spec 7.2).")
 @click.option("--crf/--no-crf", default=False, show_default=True,
@@ -241,8 +247,8 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
 @click.option("--overlay", is_flag=True, help="Also write overlays/<path>.png (labels over image).")
 @click.option("--skip-existing", is_flag=True, help="Resume: skip images whose label map exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str, refine: bool,
-                crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
+def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
+                knn_search: str, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
                 quiet: bool) -> None:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
@@ -256,7 +262,8 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     from spml_deploy.serving.segment import run_segment_job
 
     pipe = load_pipeline(model, backend=backend, device=device,
-                         options=PipelineOptions(classifier=classifier, refine=refine, crf=crf))
+                         options=PipelineOptions(classifier=classifier, refine=refine, crf=crf,
+                                                 knn_search=knn_search))
     try:
         report = run_segment_job(pipe, input, output, batch=batch, overlay=overlay,
                                  skip_existing=skip_existing, progress=not quiet)

@@ -97,6 +97,7 @@ class SegmentationConfig:
     rw_alpha: float = 20.0
     rw_squarings: int = 6
     knn_k: int = 20
+    memory_index: str = "flat"      # FAISS index the prototype memory is saved as (flat = exact)
 
 
 @dataclass(frozen=True)

@@ -626,6 +626,20 @@ def load_index(path: str | Path, use_gpu: bool = False) -> AnyIndex:
     raise ManifestError(f"unknown index kind {meta.get('kind')!r}", path=path, fix="rebuild the index")
 
 
+def build_memory_index(prototypes: ArrayLike, index_type: str = "flat") -> AnyIndex:
+    """The prototype memory [n, dim] as an index with id ``i`` = row ``i``: a FAISS index of
+    ``index_type`` (``flat`` = exact), or an :class:`ExactIndex` when FAISS is not installed."""
+    protos = _vectors(prototypes, int(np.shape(prototypes)[-1]), "memory prototypes")
+    index = make_index(protos.shape[1], index_type)
+    index.add(protos, np.arange(protos.shape[0], dtype=np.int64))
+    return index
+
+
+def index_is_exact(index: AnyIndex) -> bool:
+    """True when ``index`` returns exact top-k results (brute force or FAISS ``flat``)."""
+    return isinstance(index, ExactIndex) or index.index_type == "flat"
+
+
 # --------------------------------------------------------------------------------------------
 # classifier
 

@@ -6,6 +6,7 @@ stride 4 — and everything after that is this module's host code, shared by all
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from spml_deploy.config import PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class PipelineOptions:
     test_grid: tuple[int, int] = (12, 12)
     kmeans_iters: int = 10
     knn_k: int = 20
+    knn_search: str = "auto"             # "auto" | "index" (the memory's FAISS index) | "exact"
     rw_beta: float = 5.0
     rw_alpha: float = 20.0
     rw_squarings: int = 6
@@ -386,34 +390,92 @@ class Pipeline:
 
 
 class PrototypeMemory:
-    """The training set's segment prototypes with their labels, for kNN label retrieval."""
+    """The training set's segment prototypes with their labels, for kNN label retrieval (spec 7.3).
+
+    Two exact searches and one index:
+
+    * ``index``: the memory's saved index (``memory_index.npz``: FAISS ``flat`` = exact, or an
+      approximate ``ivf``/``ivfpq``/``hnsw`` for large memories), searched through
+      :class:`spml_deploy.index.KnnClassifier`;
+    * otherwise the grouped exact top-k of :class:`spml_deploy.index.MemoryMatrix` (a matmul +
+      top-k on CUDA).
+
+    ``search="auto"`` uses the index when it is approximate and the exact top-k when the index is
+    exact: both return the same neighbours (tested), and on the CPU the grouped top-k is 1.7x
+    faster than FAISS ``IndexFlatIP`` for a batch of 576 queries over 13.8k prototypes (2-core
+    development machine, one thread: 38 vs 64 ms). ``search="index"`` always uses the index,
+    ``"exact"`` never.
+    """
+
+    SEARCHES = ("auto", "index", "exact")
 
     def __init__(self, prototypes: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 20,
-                 device: torch.device | str = "cpu"):
-        from spml_deploy.index import MemoryMatrix
+                 device: torch.device | str = "cpu", index=None, search: str = "auto"):
+        from spml_deploy.index import KnnClassifier, MemoryMatrix, index_is_exact
 
+        if search not in self.SEARCHES:
+            from spml_deploy.errors import ConfigError
+
+            raise ConfigError(f"unknown kNN search '{search}'", fix=f"use one of {', '.join(self.SEARCHES)}")
         self.protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
         self.num_classes = num_classes
         self.k = k
         self._labels_checked = False                 # range check on the first vote only
-        self._matrix = MemoryMatrix(self.protos)     # laid out once for the exact top-k search
+        use_index = index is not None and (search == "index"
+                                           or (search == "auto" and not index_is_exact(index)))
+        if search == "index" and index is None:
+            from spml_deploy.errors import ConfigError
+
+            raise ConfigError("kNN search 'index' was asked for, but this memory has no index",
+                              fix="use --knn-search auto, or re-run 'spml-deploy train --resume' "
+                                  "to write memory_index.npz")
+        self.index = index if use_index else None
+        self.search = "index" if use_index else "exact"
+        if self.index is not None:
+            self._knn = KnnClassifier(self.index, self.labels.cpu().numpy(), k=k,
+                                      num_classes=num_classes)
+        else:
+            self._matrix = MemoryMatrix(self.protos)  # laid out once for the exact top-k search
 
     @classmethod
-    def load(cls, path: str | Path, num_classes: int, k: int = 20, device="cpu") -> "PrototypeMemory":
-        from spml_deploy.errors import ManifestError
+    def load(cls, path: str | Path, num_classes: int, k: int = 20, device="cpu",
+             index_path: str | Path | None = None, search: str = "auto") -> "PrototypeMemory":
+        """Read ``memory.npz`` (and, when given, the memory's index ``index_path``). Without FAISS
+        installed a FAISS index cannot be read: ``auto`` then falls back to the exact search
+        (with a warning), ``index`` fails with the install hint."""
+        from spml_deploy.errors import ManifestError, MissingDependencyError
 
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["prototypes"], z["labels"], num_classes, k, device)
+                protos, labels = z["prototypes"], z["labels"]
         except (OSError, KeyError, ValueError) as exc:
             raise ManifestError(f"prototype memory is unreadable ({exc})", path=path,
                                 fix="re-run 'spml-deploy train --resume' to rebuild it") from exc
+        index = None
+        if index_path is not None and search != "exact":
+            from spml_deploy.index import load_index
+
+            try:
+                index = load_index(index_path, use_gpu=torch.device(device).type == "cuda")
+            except MissingDependencyError:
+                if search == "index":
+                    raise
+                log.warning("the prototype memory's FAISS index needs FAISS (pip install "
+                            "'spml-deploy[index]'); using the exact search over %s", Path(path).name)
+            if index is not None and index.ntotal != protos.shape[0]:
+                raise ManifestError(f"the memory index holds {index.ntotal} prototypes but the memory "
+                                    f"{protos.shape[0]}", path=index_path,
+                                    fix="delete it and re-run 'spml-deploy train --resume' to rebuild it")
+        return cls(protos, labels, num_classes, k, device, index=index, search=search)
 
     def vote(self, queries: torch.Tensor) -> torch.Tensor:
-        """Majority label of the k most similar memory prototypes, per query [M, D] -> [M]."""
+        """Majority label of the k most similar memory prototypes, per query [M, D] -> [M]
+        (ties -> smallest class id)."""
         from spml_deploy.index import topk_vote
 
+        if self.index is not None:
+            return self._knn.predict(queries.detach().float().cpu().numpy()).to(self.protos.device)
         out = topk_vote(queries.to(self.protos), self._matrix, self.labels, k=self.k,
                         num_classes=self.num_classes, check_labels=not self._labels_checked)
         self._labels_checked = True
@@ -443,7 +505,10 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
             options = _replace(options, test_grid=tuple(seg["test_grid"]))
     memory = None
     if options.classifier == "knn" and "memory" in manifest.files:
+        index_file = manifest.files.get("memory_index")
         memory = PrototypeMemory.load(folder / manifest.files["memory"]["path"],
-                                      manifest.num_classes, options.knn_k, device)
+                                      manifest.num_classes, options.knn_k, device,
+                                      index_path=folder / index_file["path"] if index_file else None,
+                                      search=options.knn_search)
     be = load_backend(folder, kind=backend, device=device, **backend_options)
     return Pipeline(be, manifest.preprocess, manifest.classes, manifest.palette, options, memory)

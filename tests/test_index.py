@@ -329,6 +329,112 @@ def test_memory_vote_matches_reference_at_segment_job_size(monkeypatch):
     assert torch.equal(got_l[gap].sort(1).values, labels[want_i][gap].sort(1).values)
 
 
+# --------------------------------------------------------------------------------------------
+# the training memory saved as a FAISS index (memory_index.npz)
+
+
+def _memory_case(n: int = 9216, nq: int = 576, seed: int = 15):
+    x, q = data_and_queries(n, nq, 32, seed=seed)
+    labels = np.random.default_rng(2).integers(0, 9, n)
+    return x, q, labels
+
+
+def test_memory_index_flat_is_exact_and_round_trips(tmp_path):
+    x, q, labels = _memory_case()
+    index = I.build_memory_index(x, "flat")
+    assert isinstance(index, I.PrototypeIndex) and index.index_type == "flat"
+    assert I.index_is_exact(index) and np.array_equal(index.ids, np.arange(len(x)))
+    index.save(tmp_path / "memory_index.npz")
+    loaded = I.load_index(tmp_path / "memory_index.npz")
+    scores, ids = loaded.search(q, 20)
+    want_s, want_i = reference_topk(torch.from_numpy(q).double(), torch.from_numpy(x).double(), 20)
+    np.testing.assert_allclose(scores, want_s.numpy(), rtol=0, atol=1e-5)
+    gap = (want_s[:, :-1] - want_s[:, 1:]).abs().min(1).values.numpy() > 1e-5   # no near-tie
+    assert gap.mean() > 0.9
+    assert np.array_equal(ids[gap], want_i.numpy()[gap])
+
+
+@pytest.mark.parametrize("search", ["index", "exact", "auto"])
+def test_prototype_memory_votes_through_its_flat_index(tmp_path, search):
+    """The pipeline's kNN vote (k = 20) through the saved FAISS flat index equals the vote of
+    the brute-force reference, and so does the exact path that 'auto' picks for a flat index."""
+    from spml_deploy.pipeline import PrototypeMemory
+
+    x, q, labels = _memory_case()
+    np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
+    I.build_memory_index(x, "flat").save(tmp_path / "memory_index.npz")
+    memory = PrototypeMemory.load(tmp_path / "memory.npz", 9, 20,
+                                  index_path=tmp_path / "memory_index.npz", search=search)
+    assert memory.search == ("index" if search == "index" else "exact")
+    assert (memory.index is not None) == (search == "index")
+    qt, m = torch.from_numpy(q), torch.from_numpy(x)
+    want = reference_vote(qt.double(), m.double(), torch.from_numpy(labels), 20, 9)
+    got = memory.vote(qt)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    # a vote can only differ where the 20th and 21st neighbours tie in float32
+    s = reference_topk(qt.double(), m.double(), 21)[0]
+    clear = (s[:, 19] - s[:, 20]) > 1e-5
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[clear], want[clear])
+
+
+def test_prototype_memory_uses_an_approximate_index(tmp_path, monkeypatch):
+    """An approximate memory index (hnsw) is searched through FAISS under 'auto'; its votes
+    agree with the exact ones on nearly every query."""
+    from spml_deploy.pipeline import PrototypeMemory
+
+    x, q, labels = _memory_case(4000, 300, seed=21)
+    index = I.build_memory_index(x, "hnsw")
+    assert not I.index_is_exact(index)
+    calls = []
+    real = index.search
+    monkeypatch.setattr(index, "search", lambda v, k: calls.append(k) or real(v, k))
+    memory = PrototypeMemory(x, labels, 9, k=20, index=index)
+    assert memory.search == "index"
+    got = memory.vote(torch.from_numpy(q))
+    assert calls == [20]
+    want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
+                          torch.from_numpy(labels), 20, 9)
+    assert (got == want).float().mean() >= 0.97
+    exact = PrototypeMemory(x, labels, 9, k=20, index=index, search="exact")
+    assert exact.search == "exact" and exact.index is None
+
+
+def test_memory_index_errors_and_fallback(tmp_path, monkeypatch, caplog):
+    from spml_deploy.errors import ConfigError
+    from spml_deploy.pipeline import PrototypeMemory
+
+    x, q, labels = _memory_case(500, 10, seed=3)
+    np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
+    I.build_memory_index(x[:400], "flat").save(tmp_path / "short.npz")
+    with pytest.raises(ManifestError, match="400 prototypes but the memory 500") as exc:
+        PrototypeMemory.load(tmp_path / "memory.npz", 9, index_path=tmp_path / "short.npz")
+    assert "train --resume" in exc.value.fix
+    with pytest.raises(ConfigError, match="no index"):
+        PrototypeMemory(x, labels, 9, search="index")
+    with pytest.raises(ConfigError, match="unknown kNN search"):
+        PrototypeMemory(x, labels, 9, search="fast")
+    # without FAISS: the index is an exact torch index; a FAISS file falls back to exact search
+    I.build_memory_index(x, "flat").save(tmp_path / "memory_index.npz")
+
+    def no_faiss():
+        raise MissingDependencyError("faiss", "index", "the FAISS prototype index")
+
+    monkeypatch.setattr(I, "_faiss", no_faiss)
+    fallback = I.build_memory_index(x, "hnsw")
+    assert isinstance(fallback, I.ExactIndex) and I.index_is_exact(fallback)
+    with caplog.at_level("WARNING"):
+        memory = PrototypeMemory.load(tmp_path / "memory.npz", 9,
+                                      index_path=tmp_path / "memory_index.npz", search="auto")
+    assert memory.search == "exact" and "needs FAISS" in caplog.text
+    want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
+                          torch.from_numpy(labels), 20, 9)
+    assert torch.equal(memory.vote(torch.from_numpy(q)), want)
+    with pytest.raises(MissingDependencyError):
+        PrototypeMemory.load(tmp_path / "memory.npz", 9,
+                             index_path=tmp_path / "memory_index.npz", search="index")
+
+
 def test_memory_matrix_small_memories_dtypes_and_guards():
     x, q = data_and_queries(50, 7, 8, seed=16)
     m, qt = torch.from_numpy(x), torch.from_numpy(q)

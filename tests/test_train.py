@@ -54,6 +54,31 @@ def test_train_writes_complete_run(scenes, tmp_path):
     assert mem["prototypes"].shape[1] == m.model.embed_dim
     assert np.allclose(np.linalg.norm(mem["prototypes"], axis=1), 1, atol=1e-4)
     assert mem["labels"].min() >= 0 and mem["labels"].max() < 9
+    # ... and the memory as an index (FAISS flat where installed), id = row of memory.npz
+    from spml_deploy.index import index_is_exact, load_index
+
+    assert m.files["memory_index"]["path"] == "memory_index.npz"
+    index = load_index(run / "memory_index.npz")
+    assert index.ntotal == mem["prototypes"].shape[0] and index_is_exact(index)
+    scores, ids = index.search(mem["prototypes"], 1)
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)       # each prototype finds itself
+    sims = mem["prototypes"] @ mem["prototypes"].T
+    assert np.allclose(sims[np.arange(len(ids)), ids[:, 0]], sims.max(1), atol=1e-5)
+    # segmenting with the kNN classifier through the index = through the exact search
+    from spml_deploy.imageio import read_image
+    from spml_deploy.pipeline import PipelineOptions, load_pipeline
+
+    images = [read_image(p) for p in sorted((scenes / "images").glob("val_*.png"))]
+    by = {s: load_pipeline(run, options=PipelineOptions(classifier="knn", knn_search=s))
+          for s in ("index", "exact")}
+    assert by["index"].memory.search == "index" and by["exact"].memory.search == "exact"
+    for a, b in zip(by["index"].predict(images), by["exact"].predict(images)):
+        assert np.array_equal(a.labels, b.labels)
+    # a run whose index file went missing gets it back on --resume, listed in the manifest
+    (run / "memory_index.npz").unlink()
+    train(scenes, "points", run, resume=True, progress=False)
+    assert load_index(run / "memory_index.npz").ntotal == index.ntotal
+    assert "memory_index" in read_manifest(run).files
 
 
 def test_resume_continues_the_same_run(scenes, tmp_path):
@@ -83,6 +108,14 @@ def test_existing_run_needs_resume(scenes, tmp_path):
     train(scenes, "points", run, overrides=_overrides(iters=1, classifier_iters=0), progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(scenes, "points", run, overrides=_overrides(iters=1), progress=False)
+
+
+def test_unknown_memory_index_type_fails_before_training(scenes, tmp_path):
+    o = _overrides()
+    o["segmentation"] = {"memory_index": "lsh"}
+    with pytest.raises(ConfigError, match="memory_index 'lsh'") as exc:
+        train(scenes, "points", tmp_path / "run", overrides=o, progress=False)
+    assert "flat" in exc.value.fix and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_missing_annotation_kind_names_what_exists(tmp_path, scenes):

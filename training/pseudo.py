@@ -9,7 +9,10 @@ Stages, each resumable (its outputs are files in the run folder; a finished stag
   segment prototypes; a second round uses f1 (one random-walk step) and trains f2.
 * ``classifier``: f1 (f2 for tags) trained on the frozen embeddings (``classifier.pt``).
 * ``memory``: k-means segments of the training images with majority-vote pseudo labels, saved as
-  ``memory.npz`` (prototypes + labels) for kNN label retrieval (k = 20).
+  ``memory.npz`` (prototypes + labels) and as a FAISS index of the prototypes
+  (``memory_index.npz``, id = row of ``memory.npz``; type ``segmentation.memory_index``, default
+  ``flat`` = exact) for kNN label retrieval (k = 20). Without FAISS installed the index file is
+  an exact torch index of the same format (:func:`spml_deploy.index.load_index` reads both).
 DenseCRF (spec 7.5) is applied where the spec puts it -- after the random walk of Algorithm 1
 and of Algorithm 2's CAM walk, and after the soft kNN vote -- only with ``train.crf`` (it needs
 the optional ``pydensecrf2`` package; see :mod:`spml_deploy.crf`). Round 2's one-step walk has
@@ -36,6 +39,7 @@ from spml_deploy.refine import normalize_score_map, random_walk, refine_labels
 log = logging.getLogger(__name__)
 
 MEMORY = "memory.npz"
+MEMORY_INDEX = "memory_index.npz"
 CLASSIFIER = "classifier.pt"
 
 
@@ -260,7 +264,13 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
         buf = io.BytesIO()
         np.savez(buf, prototypes=protos.astype(np.float32), labels=labels)
         atomic_write_bytes(run_dir / MEMORY, buf.getvalue())
-    return {"classifier": CLASSIFIER, "memory": MEMORY}
+    if not (run_dir / MEMORY_INDEX).is_file():     # written after the memory: a resume rebuilds it
+        from spml_deploy.index import build_memory_index
+
+        with np.load(run_dir / MEMORY, allow_pickle=False) as z:
+            build_memory_index(z["prototypes"], cfg.segmentation.memory_index).save(
+                run_dir / MEMORY_INDEX)
+    return {"classifier": CLASSIFIER, "memory": MEMORY, "memory_index": MEMORY_INDEX}
 
 
 def _present_tags(tags, C: int, device) -> torch.Tensor:

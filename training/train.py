@@ -195,6 +195,12 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     if cfg.train.crop % 8:
         raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
                           fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
+    from spml_deploy.index import INDEX_TYPES
+
+    if cfg.segmentation.memory_index not in INDEX_TYPES:
+        raise ConfigError(f"segmentation.memory_index '{cfg.segmentation.memory_index}' is not an "
+                          f"index type", fix=f"choose one of {', '.join(INDEX_TYPES)} "
+                          "(flat = exact search, the default)")
     if cfg.train.crf:
         from spml_deploy.crf import require_crf
 
@@ -355,7 +361,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
         scores = evaluate_f0(trainer.net, clf, dataset, cfg.train.val_split, cfg, dev)
         final_val = {"classifier": "f1" if "f1" in weights else "f0", "miou": scores["miou"]}
     manifest = write_run_manifest(out, dataset, cfg, step, final_val or last_val,
-                                  {"memory": extra["memory"]} if "memory" in extra else None)
+                                  {k: extra[k] for k in ("memory", "memory_index") if k in extra})
     return {"run": str(out), "steps": step, "val": final_val or last_val, "f0_val": last_val,
             "manifest": str(manifest)}
 
