@@ -422,33 +422,26 @@ class OracleBackend:
 def precision_at_k(retriever, dataset: Path, k: int = 10) -> tuple[float, int]:
     """Mean over val objects (a point deep inside each connected object region) of the fraction
     of the k hits whose ground-truth class (majority of the GT mask under the hit) matches."""
-    import cv2
+    from spml_deploy.serving.retrieval_quality import point_query_precision
 
-    gt_cache: dict[str, np.ndarray] = {}
-    precisions = []
-    for img_path in sorted((dataset / "images").glob("val_*.png")):
-        mask = read_label_png(dataset / "masks" / img_path.name)
-        image = read_image(img_path)
-        for c in np.unique(mask):
-            if c == 0:
-                continue
-            n, comp = cv2.connectedComponents((mask == c).astype(np.uint8))
-            for j in range(1, n):
-                region = (comp == j).astype(np.uint8)
-                if region.sum() < 30:
-                    continue
-                dist = cv2.distanceTransform(region, cv2.DIST_L2, 3)
-                y, x = np.unravel_index(np.argmax(dist), dist.shape)
-                hits, _ = retriever.query(image, point=(x, y), k=k)
-                ok = 0
-                for h in hits:
-                    name = Path(h.image).name
-                    if name not in gt_cache:
-                        gt_cache[name] = read_label_png(dataset / "masks" / name)
-                    under = gt_cache[name][h.row.full_mask()]
-                    ok += int(np.bincount(under, minlength=256).argmax() == c)
-                precisions.append(ok / max(1, len(hits)))
-    return float(np.mean(precisions)), len(precisions)
+    report = point_query_precision(retriever, dataset, k)
+    assert report.confusion.sum() == report.queries * k        # every query got k hits
+    return report.precision, report.queries
+
+
+def test_query_points_lie_deep_inside_each_object():
+    from spml_deploy.serving.retrieval_quality import query_points
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:25, 5:15] = 3           # two regions of class 3
+    mask[10:30, 40:58] = 3
+    mask[32:36, 20:24] = 5         # 16 pixels: under min_area, no query
+    pts = sorted(query_points(mask, min_area=30))
+    assert [c for _, _, c in pts] == [3, 3]
+    (x0, y0, _), (x1, y1, _) = pts
+    assert x0 in (9, 10) and 9 <= y0 <= 20         # >= 4 px from every edge of the 10 x 20 box
+    assert x1 in (48, 49) and 14 <= y1 <= 25       # ... and of the 18 x 20 box
+    assert query_points(np.zeros((8, 8), np.uint8)) == []
 
 
 def test_oracle_retrieval_precision(run, scenes, tmp_path):
