@@ -271,6 +271,25 @@ def _save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, A
             tmp.unlink()
 
 
+def read_index_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a saved index (kind, dim, index_type, ...) without reading its data."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except FileNotFoundError:
+        raise ManifestError("prototype index file not found", path=path,
+                            fix="build the index first (spml-deploy index build)") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ManifestError(f"not a readable prototype index ({exc})", path=path,
+                            fix="rebuild the index; the file is corrupt or from another tool") from None
+    return meta
+
+
+def meta_is_exact(meta: dict[str, Any]) -> bool:
+    """True when a saved index (its :func:`read_index_meta`) returns exact top-k results."""
+    return meta.get("kind") == ExactIndex.kind or meta.get("index_type") == "flat"
+
+
 def _read_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -454,19 +454,24 @@ class PrototypeMemory:
                                 fix="re-run 'spml-deploy train --resume' to rebuild it") from exc
         index = None
         if index_path is not None and search != "exact":
-            from spml_deploy.index import load_index
+            from spml_deploy.index import gpu_available, load_index, meta_is_exact, read_index_meta
 
-            try:
-                index = load_index(index_path, use_gpu=torch.device(device).type == "cuda")
-            except MissingDependencyError:
-                if search == "index":
-                    raise
-                log.warning("the prototype memory's FAISS index needs FAISS (pip install "
-                            "'spml-deploy[index]'); using the exact search over %s", Path(path).name)
+            # 'auto' searches an exact (flat) index by the exact top-k: no need to read it
+            if search == "index" or not meta_is_exact(read_index_meta(index_path)):
+                try:
+                    index = load_index(index_path, use_gpu=torch.device(device).type == "cuda"
+                                       and gpu_available())
+                except MissingDependencyError:
+                    if search == "index":
+                        raise
+                    log.warning("the prototype memory's FAISS index needs FAISS (pip install "
+                                "'spml-deploy[index]'); using the exact search over %s",
+                                Path(path).name)
             if index is not None and index.ntotal != protos.shape[0]:
-                raise ManifestError(f"the memory index holds {index.ntotal} prototypes but the memory "
-                                    f"{protos.shape[0]}", path=index_path,
-                                    fix="delete it and re-run 'spml-deploy train --resume' to rebuild it")
+                raise ManifestError(f"the memory index holds {index.ntotal} prototypes but the "
+                                    f"memory {protos.shape[0]}", path=index_path,
+                                    fix="delete it and re-run 'spml-deploy train --resume' to "
+                                        "rebuild it")
         return cls(protos, labels, num_classes, k, device, index=index, search=search)
 
     def vote(self, queries: torch.Tensor) -> torch.Tensor:

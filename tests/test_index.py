@@ -408,14 +408,17 @@ def test_memory_index_errors_and_fallback(tmp_path, monkeypatch, caplog):
     np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
     I.build_memory_index(x[:400], "flat").save(tmp_path / "short.npz")
     with pytest.raises(ManifestError, match="400 prototypes but the memory 500") as exc:
-        PrototypeMemory.load(tmp_path / "memory.npz", 9, index_path=tmp_path / "short.npz")
+        PrototypeMemory.load(tmp_path / "memory.npz", 9, index_path=tmp_path / "short.npz",
+                             search="index")
     assert "train --resume" in exc.value.fix
     with pytest.raises(ConfigError, match="no index"):
         PrototypeMemory(x, labels, 9, search="index")
     with pytest.raises(ConfigError, match="unknown kNN search"):
         PrototypeMemory(x, labels, 9, search="fast")
-    # without FAISS: the index is an exact torch index; a FAISS file falls back to exact search
+    # without FAISS: the index is an exact torch index; a flat FAISS file is not even read
+    # under 'auto', an approximate one falls back to the exact search with a warning
     I.build_memory_index(x, "flat").save(tmp_path / "memory_index.npz")
+    I.build_memory_index(x, "hnsw").save(tmp_path / "hnsw.npz")
 
     def no_faiss():
         raise MissingDependencyError("faiss", "index", "the FAISS prototype index")
@@ -424,12 +427,17 @@ def test_memory_index_errors_and_fallback(tmp_path, monkeypatch, caplog):
     fallback = I.build_memory_index(x, "hnsw")
     assert isinstance(fallback, I.ExactIndex) and I.index_is_exact(fallback)
     with caplog.at_level("WARNING"):
+        flat = PrototypeMemory.load(tmp_path / "memory.npz", 9,
+                                    index_path=tmp_path / "memory_index.npz", search="auto")
+    assert flat.search == "exact" and "needs FAISS" not in caplog.text
+    with caplog.at_level("WARNING"):
         memory = PrototypeMemory.load(tmp_path / "memory.npz", 9,
-                                      index_path=tmp_path / "memory_index.npz", search="auto")
+                                      index_path=tmp_path / "hnsw.npz", search="auto")
     assert memory.search == "exact" and "needs FAISS" in caplog.text
     want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
                           torch.from_numpy(labels), 20, 9)
     assert torch.equal(memory.vote(torch.from_numpy(q)), want)
+    assert torch.equal(flat.vote(torch.from_numpy(q)), want)
     with pytest.raises(MissingDependencyError):
         PrototypeMemory.load(tmp_path / "memory.npz", 9,
                              index_path=tmp_path / "memory_index.npz", search="index")
