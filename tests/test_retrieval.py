@@ -481,7 +481,7 @@ def test_random_embedding_precision_is_low(run, scenes, tmp_path):
                     reason="known gap: the tiny model trained on a CPU reaches precision@10 "
                            "0.49 after 6000 iterations (about 40 minutes here), 0.48 after "
                            "12000, 0.53 at width 32 on 1024 scenes (5000 iterations), "
-                           "__W64__, not the 0.8 target "
+                           "0.53 at width 64 (4000), not the 0.8 target "
                            "(benchmarks/results/retrieval_quality.md); run with "
                            "SPML_QUALITY_TESTS=1 (SPML_QUALITY_ITERS, _WIDTH, _SCENES set the "
                            "iterations, the tiny network's width and the training scenes)")
@@ -494,7 +494,7 @@ def test_trained_model_retrieval_precision(tmp_path):
     Measured on the shared 2-core development machine (seed 0, same index and queries):
     width 16 on 256 scenes: 0.27 after 1200 iterations (val mIoU of f0 22%), 0.49 after 6000
     (f0 29%, f1 34%), 0.48 after 12000 (f0 15%, f1 23%: a plateau); width 32 on 1024 scenes,
-    5000 iterations: 0.53; __W64DOC__. Texture and context are learned, shape is
+    5000 iterations: 0.53; width 64, 4000 iterations: 0.53 (no gain). Texture and context are learned, shape is
     not: the two striped classes (disc, square) and the two checkered ones (triangle, star) split
     their hits about evenly. The oracle test above shows the retrieval code reaches 0.99 with a
     good embedding."""
