@@ -273,27 +273,25 @@ def _save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, A
 
 def read_index_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a saved index (kind, dim, index_type, ...) without reading its data."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-    except FileNotFoundError:
-        raise ManifestError("prototype index file not found", path=path,
-                            fix="build the index first (spml-deploy index build)") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise ManifestError(f"not a readable prototype index ({exc})", path=path,
-                            fix="rebuild the index; the file is corrupt or from another tool") from None
-    return meta
+    return _read_npz(path, meta_only=True)[0]
+
+
+def _is_exact(kind: Any, index_type: Any) -> bool:
+    return kind == ExactIndex.kind or index_type == "flat"
 
 
 def meta_is_exact(meta: dict[str, Any]) -> bool:
     """True when a saved index (its :func:`read_index_meta`) returns exact top-k results."""
-    return meta.get("kind") == ExactIndex.kind or meta.get("index_type") == "flat"
+    return _is_exact(meta.get("kind"), meta.get("index_type"))
 
 
-def _read_npz(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read_npz(path: str | Path, meta_only: bool = False
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of a saved index; ``meta_only`` leaves the arrays unread (empty dict)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            names = ["meta"] if meta_only else z.files
+            arrays = {k: z[k] for k in names}
         meta = json.loads(str(arrays.pop("meta")))
     except FileNotFoundError:
         raise ManifestError("prototype index file not found", path=path,
@@ -637,7 +635,7 @@ def make_index(dim: int, index_type: str = "flat", **kwargs: Any) -> AnyIndex:
 
 def load_index(path: str | Path, use_gpu: bool = False) -> AnyIndex:
     """Read an index written by :meth:`PrototypeIndex.save` or :meth:`ExactIndex.save`."""
-    meta, _ = _read_npz(path)
+    meta = read_index_meta(path)
     if meta.get("kind") == ExactIndex.kind:
         return ExactIndex.load(path)
     if meta.get("kind") == PrototypeIndex.kind:
@@ -656,7 +654,7 @@ def build_memory_index(prototypes: ArrayLike, index_type: str = "flat") -> AnyIn
 
 def index_is_exact(index: AnyIndex) -> bool:
     """True when ``index`` returns exact top-k results (brute force or FAISS ``flat``)."""
-    return isinstance(index, ExactIndex) or index.index_type == "flat"
+    return _is_exact(index.kind, getattr(index, "index_type", None))
 
 
 # --------------------------------------------------------------------------------------------

@@ -411,11 +411,10 @@ class PrototypeMemory:
 
     def __init__(self, prototypes: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 20,
                  device: torch.device | str = "cpu", index=None, search: str = "auto"):
+        from spml_deploy.errors import ConfigError
         from spml_deploy.index import KnnClassifier, MemoryMatrix, index_is_exact
 
         if search not in self.SEARCHES:
-            from spml_deploy.errors import ConfigError
-
             raise ConfigError(f"unknown kNN search '{search}'", fix=f"use one of {', '.join(self.SEARCHES)}")
         self.protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
@@ -425,8 +424,6 @@ class PrototypeMemory:
         use_index = index is not None and (search == "index"
                                            or (search == "auto" and not index_is_exact(index)))
         if search == "index" and index is None:
-            from spml_deploy.errors import ConfigError
-
             raise ConfigError("kNN search 'index' was asked for, but this memory has no index",
                               fix="use --knn-search auto, or re-run 'spml-deploy train --resume' "
                                   "to write memory_index.npz")
