@@ -478,11 +478,9 @@ def test_random_embedding_precision_is_low(run, scenes, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SPML_QUALITY_TESTS"),
-                    reason="known gap: a tiny model trained on a 2-core CPU reaches precision@10 "
-                           "0.53 from points (width 32 or 64, 1024 scenes), 0.61 with SPML from "
-                           "full masks (15000 iterations, 89 min) and 0.69 with full-mask "
-                           "cross-entropy (30000 iterations, 76 min), not the 0.8 target "
-                           "(benchmarks/results/retrieval_quality.md); run with "
+                    reason="known gap: the best tiny model trained on a 2-core CPU so far "
+                           "reaches precision@10 0.71, not the 0.8 target (every run: "
+                           "benchmarks/results/retrieval_quality.md); run with "
                            "SPML_QUALITY_TESTS=1 (SPML_QUALITY_ITERS, _WIDTH, _SCENES, "
                            "_SUPERVISION, _BASELINE set the iterations, the tiny network's width, "
                            "the training scenes, the supervision and the baseline)")
@@ -494,13 +492,10 @@ def test_trained_model_retrieval_precision(tmp_path):
     256 training images, query with a point deep inside every val object: precision@10 >= 0.8
     (the issue's target).
 
-    Measured on the shared 2-core development machine (seed 0, same index and queries; the
-    table is benchmarks/results/retrieval_quality.md): points, width 16 on 256 scenes: 0.27 after
-    1200 iterations, 0.49 after 6000, 0.48 after 12000; width 32 / 64 on 1024 scenes: 0.53.
-    Full masks, width 16, 1024 scenes: cross-entropy 0.44 / 0.64 / 0.69 after 3000 / 12000 /
-    30000 iterations (val mIoU 40 / 61 / 66), SPML 0.61 after 15000 (val mIoU 58). Precision
-    follows the segmentation quality, i.e. the training length; most wrong hits of the longest
-    run are object-textured background blobs that only shape separates. The oracle test above
+    Every run measured so far, with its command and figures, is in
+    benchmarks/results/retrieval_quality.md (same seed, index and queries as here): precision
+    follows the segmentation quality, i.e. the training length, and most wrong hits of the longest
+    runs are object-textured background blobs that only shape separates. The oracle test above
     shows the retrieval code reaches 0.99 with a good embedding."""
     from spml_deploy.training.train import train
 
