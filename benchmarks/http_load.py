@@ -175,8 +175,9 @@ def main() -> None:
         f"backend on the CPU, untrained tiny run deployed at max_side {args.max_side} (speed does "
         f"not depend on training), flat index of {health['index']['segments']:,} segments from "
         f"{health['index']['images']} scenes of {args.size}x{args.size} px. Each request: a "
-        f"{args.size}x{args.size} PNG upload + a random point, k = {args.k} (network, k-means "
-        "segmentation of the query image, index search, store lookup). Model work is serialised "
+        f"{args.size}x{args.size} PNG upload + a random point, k = {args.k} (network "
+        f"{'twice: flip averaging, the index default' if health['index'].get('flip') else 'once'}"
+        ", k-means segmentation of the query image, index search, store lookup). Model work is serialised "
         f"by the service's lock; {args.warmup} warm-up requests not counted. One service start "
         "per torch thread setting (`serve(threads=N)`).",
         "",

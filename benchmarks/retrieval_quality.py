@@ -51,6 +51,8 @@ def describe_run(run: Path) -> dict:
         "backbone": cfg["model"]["backbone"] + (f" w{cfg['model']['width']}"
                                                 if cfg["model"]["backbone"] == "tiny" else ""),
         "embed_dim": cfg["model"]["embed_dim"],
+        "scales": "{:g}-{:g}".format(*cfg["train"]["scale_range"]),
+        "max_side": man["preprocess"]["max_side"],     # a bundle may deploy at another size
         "iters": train.get("steps"),
         "dataset": Path(train.get("dataset", "?")).name,
         "val_miou": None if val is None else 100 * float(val),
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--index-images", type=int, default=256,
                     help="first N training images of --dataset go into the index")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--no-flip", dest="flip", action="store_false",
+                    help="index and query without flip averaging ('index build --no-flip')")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/retrieval_quality.md")
     args = ap.parse_args()
 
@@ -83,7 +87,7 @@ def main() -> None:
         for run in args.runs:
             t0 = time.perf_counter()
             idx = tmp / f"idx-{run.name}"
-            R.build_index(run, tmp / "images", idx, progress=False)
+            R.build_index(run, tmp / "images", idx, progress=False, flip=args.flip)
             with R.Retriever(idx) as r:
                 rep = point_query_precision(r, args.dataset, args.k, num_classes=len(names))
             info = describe_run(run)
@@ -101,18 +105,19 @@ def main() -> None:
         f"* Date: {dt.datetime.now():%Y-%m-%d %H:%M}; machine: {cpu_name()}, {usable_cpus()} CPUs; "
         f"load average before: {load_before}, after: {format_load()}",
         f"* Index: the first {len(train_images)} training images of `{args.dataset.name}` (flat "
-        f"FAISS index, spec 7.3 test grid); queries: a point deep inside every val object of at "
+        f"FAISS index, spec 7.3 test grid, {'flip-averaged' if args.flip else 'single-pass'} "
+        f"embeddings); queries: a point deep inside every val object of at "
         f"least 30 pixels; a hit is correct when the ground-truth class under its segment is "
         f"the object's class. Target (issue 6): >= 0.8.",
         "",
-        f"| run | supervision | network | D | iterations | trained on | val mIoU (final "
-        f"classifier) | precision@{args.k} | queries |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|",
+        f"| run | supervision | network | D | training scales | test size | iterations | "
+        f"trained on | val mIoU (final classifier) | precision@{args.k} | queries |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         miou = "-" if r["val_miou"] is None else f"{r['val_miou']:.1f}"
         lines.append(f"| {r['run']} | {r['supervision']} | {r['backbone']} | {r['embed_dim']} | "
-                     f"{r['iters']} | `{r['dataset']}` | {miou} | **{r['precision']:.3f}** | "
+                     f"{r['scales']} | {r['max_side']} | {r['iters']} | `{r['dataset']}` | {miou} | **{r['precision']:.3f}** | "
                      f"{r['queries']} |")
     lines += ["", "Per query class (mean precision of its queries):", "",
               "| run | " + " | ".join(names[1:]) + " |",

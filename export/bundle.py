@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from spml_deploy.errors import ExportError, ManifestError, require
 from spml_deploy.export.onnx_export import (as_hw, check_opset, default_imgsz, dynamic_axes,
                                             export_onnx, require_onnxsim)
 from spml_deploy.export.parity import format_parity, parity, parity_sizes
+from spml_deploy.model import INPUT_MULTIPLE
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,13 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
                   imgsz: int | tuple[int, int] | None = None, opset: int = 17, batch: int = 1,
                   workspace: float = 4, simplify: bool = False, device: str = "cpu",
                   overwrite: bool = False, timing_cache: str | Path | None = None,
-                  parity_images: int = PARITY_IMAGES, seed: int = 0) -> dict[str, Any]:
+                  parity_images: int = PARITY_IMAGES, seed: int = 0,
+                  max_side: int | None = None) -> dict[str, Any]:
     """Export ``run_dir`` (a run folder or a bundle) to the bundle folder ``out``.
+
+    ``max_side``: the deployed input size (images resized so their longest side is this before
+    the network; it goes into the bundle's spml.json, which inference reads); default the
+    run's. The copied config.json stays the training record.
 
     ``format``: onnx | engine | all (``trt=True`` adds the engine). ``device`` runs the torch
     reference and ONNX Runtime for the parity checks (the engine is built on the current CUDA
@@ -122,6 +129,11 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
     if out.exists() and not overwrite:
         raise ExportError("output folder already exists", path=out,
                           fix="choose another --out, or pass --overwrite to replace it")
+    if max_side is not None:
+        if max_side < INPUT_MULTIPLE:
+            raise ExportError(f"--max-side must be at least {INPUT_MULTIPLE}, got {max_side}",
+                              fix="e.g. --max-side 512")
+        run = Manifest(**{**run.__dict__, "preprocess": replace(run.preprocess, max_side=max_side)})
     if simplify:
         require_onnxsim()
     trt_mod = _check_engine_prerequisites() if want_engine else None

@@ -231,7 +231,8 @@ class Service:
             "embed_dim": getattr(be, "embed_dim", None)}, "index": None}
         if self.retriever is not None:
             info = self.retriever.info()
-            out["index"] = {k: info[k] for k in ("segments", "images", "index_type", "embed_dim")}
+            out["index"] = {k: info[k] for k in ("segments", "images", "index_type", "embed_dim",
+                                                  "flip")}
         return out
 
     def close(self) -> None:

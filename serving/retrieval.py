@@ -1,7 +1,8 @@
 """Segment retrieval: a prototype index over an image collection, and queries against it.
 
 ``build_index`` / ``add_to_index`` turn every image of a collection into segments: the network's
-unit embeddings (any backend), spherical k-means on the valid (non-padding) cells with the spec
+unit embeddings (any backend; by default averaged with those of the mirror image, see
+:func:`embed_images`), spherical k-means on the valid (non-padding) cells with the spec
 7.3 test grid of the model's config (12x12 by default), one unit prototype per segment
 (normalised sum of its embeddings), the predicted class per segment (majority of the softmax
 argmax over its cells), and the segment's box, area and mask at the ORIGINAL image size. A
@@ -137,20 +138,31 @@ def pixel_to_cell(n_orig: int, n_resized: int, n_cells: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray]
+def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray], flip: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Prepared]]:
     """Batch of RGB uint8 images -> (phi [B, D, h, w] unit, logits [B, C, h, w], valid [B, h, w]
-    bool (non-padding cells), preparation records), exactly as ``Pipeline.predict`` does."""
+    bool (non-padding cells), preparation records), exactly as ``Pipeline.predict`` does (when
+    ``flip`` is false).
+
+    ``flip``: also run the mirrored input (the whole padded canvas, so every stride-4 cell maps
+    back onto itself) and average: phi = normalise(phi + mirrored phi), logits = mean of the two
+    (the flip averaging of spec 7.1-7.3)."""
     x, preps = prepare_batch(list(images), pp)
     phi, logits = backend(x)
+    if flip:
+        phi_m, logits_m = backend(x.flip(-1))
+        phi = F.normalize(phi + phi_m.flip(-1), dim=1, eps=1e-12)
+        logits = (logits + logits_m.flip(-1)) / 2
     return phi, logits, valid_cells(preps, *phi.shape[-2:], phi.device, STRIDE), preps
 
 
 @torch.no_grad()
 def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
-                   grid: tuple[int, int], iters: int, num_classes: int) -> list[SegmentedImage]:
-    """Segments, prototypes, classes, boxes, areas and masks of a batch of images."""
-    phi, logits, valid, preps = embed_images(backend, pp, images)
+                   grid: tuple[int, int], iters: int, num_classes: int, flip: bool = False
+                   ) -> list[SegmentedImage]:
+    """Segments, prototypes, classes, boxes, areas and masks of a batch of images (``flip``: of
+    the flip-averaged embeddings, see :func:`embed_images`)."""
+    phi, logits, valid, preps = embed_images(backend, pp, images, flip)
     protos, _, batch, pix = segment_memory(phi, None, valid, grid, iters=iters, return_index=True)
     m = int(protos.shape[0])
     classes = majority_label(logits.argmax(1), pix, m, num_classes)          # [M]
@@ -342,11 +354,13 @@ def _backend(model_path: str | Path, backend: Any, device: str, **backend_option
 def build_index(model_path: str | Path, images_source: str | Path, out_dir: str | Path,
                 index_type: str = "flat", backend: str = "torch", device: str = "cpu",
                 batch: int = 4, progress: bool = True, index_options: dict[str, Any] | None = None,
-                **backend_options: Any) -> IndexReport:
+                flip: bool = True, **backend_options: Any) -> IndexReport:
     """Index every image of ``images_source`` (folder, glob or .txt list) into ``out_dir``.
 
     ``index_type``: flat (exact), ivf, ivfpq (trained on the collection's prototypes at the end
     of the build), hnsw. ``index_options`` go to ``PrototypeIndex`` (e.g. nlist, nprobe, m).
+    ``flip``: segment the flip-averaged embeddings (two network passes per image); stored in the
+    index, so ``index add`` and every query embed the same way.
     Refuses a folder that already holds an index (extend it with :func:`add_to_index`).
     """
     out = Path(out_dir)
@@ -375,6 +389,8 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
                 "classes": list(manifest.classes),
                 "test_grid": list(grid),
                 "kmeans_iters": iters,
+                "flip": bool(flip),
+                "max_side": int(manifest.preprocess.max_side),
                 "mask_encoding": MASK_ENCODING,
             })
             with _backend(folder, backend, device, **backend_options) as be:
@@ -409,7 +425,8 @@ def add_to_index(index_dir: str | Path, images_source: str | Path,
 
 
 def check_model(meta: dict[str, Any], manifest: Manifest, folder: Path) -> None:
-    """Refuse a model whose embedding space is not the index's."""
+    """Refuse a model whose embedding space is not the index's: other weights, or the same
+    weights deployed at another input size (``export --max-side``)."""
     fp = model_fingerprint(manifest)
     if fp != meta.get("model_fingerprint"):
         raise StoreError(f"the model in {folder} ({fp[:24]}...) is not the one this index was built "
@@ -417,6 +434,12 @@ def check_model(meta: dict[str, Any], manifest: Manifest, folder: Path) -> None:
                          "are not comparable", path=folder,
                          fix=f"use the index's model ({meta.get('model_path')}) or its bundle, or "
                              "build a new index with this model")
+    side = int(manifest.preprocess.max_side)
+    if meta.get("max_side", side) != side:       # indexes from before the key: not checked
+        raise StoreError(f"the model in {folder} resizes images to {side} px but this index was "
+                         f"built at {meta['max_side']} px: its embeddings are not comparable",
+                         path=folder, fix="use the model folder or bundle the index was built with "
+                                          f"({meta.get('model_path')}), or build a new index")
 
 
 def _discover(source: str | Path) -> list:
@@ -434,6 +457,7 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
     meta = store.meta()
     grid = tuple(meta["test_grid"])
     iters = int(meta["kmeans_iters"])
+    flip = bool(meta.get("flip", False))           # indexes from before the option: no flip
     t0 = time.perf_counter()
     report = IndexReport(index_dir=str(index_dir))
     known = store.image_paths()
@@ -458,7 +482,8 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
                 if good:
                     try:
                         segs = segment_images(be, manifest.preprocess, [im for _, im in good],
-                                              grid, iters, manifest.num_classes)  # type: ignore[arg-type]
+                                              grid, iters, manifest.num_classes,  # type: ignore[arg-type]
+                                              flip)
                     except SpmlError as exc:          # e.g. an image too large for the engine
                         report.failed += [(str(it.path), exc.message) for it, _ in good]
                         bar.update(len(group))
@@ -624,15 +649,16 @@ class Retriever:
             raise
         self.grid = tuple(self.meta["test_grid"])
         self.iters = int(self.meta["kmeans_iters"])
+        self.flip = bool(self.meta.get("flip", False))
         self.classes = list(self.meta["classes"])
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
     def segment(self, image: np.ndarray) -> SegmentedImage:
-        """The query image's segments (same grid and iterations as the index)."""
+        """The query image's segments (same grid, iterations and flip averaging as the index)."""
         return segment_images(self.backend, self.manifest.preprocess, [image], self.grid,
-                              self.iters, len(self.classes))[0]   # type: ignore[arg-type]
+                              self.iters, len(self.classes), self.flip)[0]  # type: ignore[arg-type]
 
     def class_id(self, class_name: str | None) -> int | None:
         if class_name is None:
@@ -686,7 +712,7 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         return {"index_dir": str(self.index_dir), "segments": len(self),
                 "images": self.store.num_images(), "index_type": self.meta["index_type"],
-                "embed_dim": self.meta["embed_dim"], "classes": self.classes}
+                "embed_dim": self.meta["embed_dim"], "flip": self.flip, "classes": self.classes}
 
     def close(self) -> None:
         self.store.close()

@@ -294,6 +294,10 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
 @click.option("--dynamic/--static", default=True, show_default=True,
               help="Dynamic batch, height and width axes.")
 @click.option("--imgsz", type=int, help="Export (and engine 'opt') input size; default the run's.")
+@click.option("--max-side", type=int,
+              help="Deployed input size: every image is resized so its longest side is this "
+                   "before the network (default the run's preprocess.max_side). Small objects "
+                   "may need more than the training size.")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--batch", default=1, show_default=True, help="Export batch (engine 'opt' batch).")
 @click.option("--workspace", default=4.0, show_default=True, help="TensorRT workspace in GiB.")
@@ -302,8 +306,8 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report.")
-def export_cmd(run_dir: Path, out, fmt, trt, half, dynamic, imgsz, opset, batch, workspace,
-               simplify, device, timing_cache, overwrite, json_out) -> None:
+def export_cmd(run_dir: Path, out, fmt, trt, half, dynamic, imgsz, max_side, opset, batch,
+               workspace, simplify, device, timing_cache, overwrite, json_out) -> None:
     """Export RUN_DIR to a deployable bundle: model.onnx (+ model.engine), copied run files and
     spml.json with the parity numbers.
 
@@ -317,7 +321,7 @@ def export_cmd(run_dir: Path, out, fmt, trt, half, dynamic, imgsz, opset, batch,
     report = export_bundle(run_dir, out=out, format="all" if trt else fmt, trt=trt, half=half,
                            dynamic=dynamic, imgsz=imgsz, opset=opset, batch=batch,
                            workspace=workspace, simplify=simplify, device=device,
-                           overwrite=overwrite, timing_cache=timing_cache)
+                           overwrite=overwrite, timing_cache=timing_cache, max_side=max_side)
     click.echo(format_report(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -408,6 +412,10 @@ def index_group() -> None:
 @click.option("--nlist", type=int, help="ivf/ivfpq: inverted lists (default min(4 sqrt(n), n/39)).")
 @click.option("--nprobe", type=int, help="ivf/ivfpq: lists visited per query (default max(16, nlist/32)).")
 @click.option("--ef-search", type=int, help="hnsw: search breadth (default 64).")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="Average each image's embeddings with those of its mirror image before "
+                   "segmenting (two network passes per image; better retrieval). Kept by the "
+                   "index: 'index add' and every query embed the same way.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
               show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -415,15 +423,16 @@ def index_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int | None,
-                nprobe: int | None, ef_search: int | None, backend: str, device: str, batch: int,
-                as_json: bool, quiet: bool) -> None:
+                nprobe: int | None, ef_search: int | None, flip: bool, backend: str, device: str,
+                batch: int, as_json: bool, quiet: bool) -> None:
     """Index every image of IMAGES with MODEL (a run folder or bundle) into --out.
 
     \b
     IMAGES: a folder (searched recursively), a glob ('photos/**/*.jpg') or a .txt list.
-    Each image is cut into k-means segments of the learned embedding (the model's test grid,
-    12x12 by default); every segment is stored with its unit prototype, predicted class, box,
-    area and mask. Unreadable images are reported (failed.txt) and skipped; exit code 1 then.
+    Each image is cut into k-means segments of the learned embedding (averaged with
+    its mirror image's unless --no-flip; the model's test grid, 12x12 by default);
+    every segment is stored with its unit prototype, predicted class, box, area and mask.
+    Unreadable images are reported (failed.txt) and skipped; exit code 1 then.
     An interrupted build keeps the finished batches: finish it with 'spml-deploy index add'.
     """
     from spml_deploy.serving.retrieval import build_index
@@ -431,7 +440,7 @@ def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int
     try:
         report = build_index(model, images, out, index_type=index_type, backend=backend,
                              device=device, batch=batch, progress=not quiet,
-                             index_options=_index_options(nlist, nprobe, ef_search))
+                             index_options=_index_options(nlist, nprobe, ef_search), flip=flip)
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are stored; complete the index with "
                    f"'spml-deploy index add {out} {images}'", err=True)

@@ -73,6 +73,32 @@ def test_bundle_files_and_manifest(run, bundle):
     assert report["formats"] == ["onnx"]
 
 
+def test_bundle_deployed_at_another_max_side(run, tmp_path):
+    """--max-side: the bundle's spml.json (what inference reads) gets the new input size, the
+    ONNX example follows it, the copied config.json stays the training record, and the
+    pipeline on the bundle really runs the network at that size."""
+    from spml_deploy.pipeline import load_pipeline
+
+    run_m = read_manifest(run)
+    assert run_m.preprocess.max_side != 96
+    report = export_bundle(run, tmp_path / "b96", max_side=96)
+    m = read_manifest(tmp_path / "b96", verify=True)
+    assert m.preprocess.max_side == 96
+    assert m.preprocess.mean == run_m.preprocess.mean
+    assert m.files["config"]["sha256"] == run_m.files["config"]["sha256"]
+    assert report["exports"][0]["example_shape"][2:] == [96, 96]
+    seen = []
+    pipe = load_pipeline(tmp_path / "b96")
+    real = pipe.backend._run
+    pipe.backend._run = lambda x: (seen.append(tuple(x.shape[-2:])), real(x))[1]
+    pipe.predict([np.zeros((40, 30, 3), np.uint8)])
+    pipe.close()
+    assert seen == [(96, 96)]
+    with pytest.raises(ExportError, match="max-side"):
+        export_bundle(run, tmp_path / "b4", max_side=4)
+    assert not (tmp_path / "b4").exists()
+
+
 def test_onnx_graph_checked_dynamic_and_carries_manifest(bundle):
     out, _ = bundle
     model = onnx.load(str(out / "model.onnx"))

@@ -108,6 +108,7 @@ def test_healthz(setup):
     body = r.json()
     assert body["status"] == "ok" and body["model"]["classes"][1] == "disc"
     assert body["index"]["images"] == 5 and body["index"]["segments"] > 0
+    assert body["index"]["flip"] is True                       # the index default, reported
     assert setup["client"].get("/openapi.json").json()["paths"].keys() >= {
         "/v1/segment", "/v1/query", "/healthz"}
 

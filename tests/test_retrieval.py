@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 
 import dataclasses
+import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -154,6 +156,68 @@ def _queries(vecs: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_flip_averaging_is_the_two_pass_mean_mapped_back(run, scenes):
+    """flip=True: phi = normalise(phi(x) + mirror(phi(mirror x))), logits the mean of the two;
+    so the mirror image's flip-averaged embeddings are exactly the mirrored ones of the image
+    (64 px scenes at max_side 64: no resize, no padding)."""
+    be = load_backend(run)
+    pp = be.manifest.preprocess
+    img = read_image(scenes / "images" / "val_00000.png")
+    mirror = np.ascontiguousarray(img[:, ::-1])
+    phi, logits, _, _ = R.embed_images(be, pp, [img], flip=True)
+    p1, l1, _, _ = R.embed_images(be, pp, [img])
+    p2, l2, _, _ = R.embed_images(be, pp, [mirror])
+    assert torch.allclose(phi, F.normalize(p1 + p2.flip(-1), dim=1), atol=1e-6)
+    assert torch.allclose(logits, (l1 + l2.flip(-1)) / 2, atol=1e-5)
+    assert not torch.allclose(phi, p1, atol=1e-2), "the mirrored pass must change the embedding"
+    phi_m, logits_m, _, _ = R.embed_images(be, pp, [mirror], flip=True)
+    assert torch.allclose(phi_m, phi.flip(-1), atol=1e-6)
+    assert torch.allclose(logits_m, logits.flip(-1), atol=1e-5)
+
+
+def test_index_keeps_its_flip_setting(run, scenes, tmp_path):
+    """'index build --no-flip' through the CLI: stored in the index, used by every query (the
+    indexed segment under a point comes back first with cosine 1 only when the query embeds the
+    image the same way); indexes from before the option read as no flip."""
+    from click.testing import CliRunner
+
+    from spml_deploy.cli import cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    img_path = src / "a.png"
+    shutil.copy(scenes / "images" / "train_00001.png", img_path)
+    res = CliRunner().invoke(cli, ["index", "build", str(run), str(src), "--out",
+                                   str(tmp_path / "idx"), "--no-flip", "--quiet"])
+    assert res.exit_code == 0, res.output
+    with R.Retriever(tmp_path / "idx") as r:
+        assert r.flip is False and r.info()["flip"] is False
+        seg = r.segment(read_image(img_path))
+        y, x = np.argwhere(seg.segment_map() == int(np.argmax(seg.areas)))[0]
+        flipped = R.segment_images(r.backend, r.manifest.preprocess, [read_image(img_path)],
+                                   r.grid, r.iters, len(r.classes), flip=True)[0]
+    res = CliRunner().invoke(cli, ["query", str(tmp_path / "idx"), str(img_path), "--point",
+                                   f"{x},{y}", "-k", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count('"score"') == 1
+    top = json.loads(res.output)["hits"][0]
+    assert top["score"] == pytest.approx(1.0, abs=1e-5)
+    q = flipped.vectors[flipped.cells[flipped.row_cell[y], flipped.col_cell[x]]]
+    with R.Retriever(tmp_path / "idx") as r:
+        assert r.search(q, 1)[0].score < 0.9999, "a flip-averaged query is another vector"
+        r.store.set_meta({"flip": True})                 # the query follows the stored setting
+    with R.Retriever(tmp_path / "idx") as r:
+        hits, _ = r.query(img_path, point=(x, y), k=1)
+        assert r.flip is True and hits[0].score == pytest.approx(r.search(q, 1)[0].score)
+    con = sqlite3.connect(tmp_path / "idx" / "segments.sqlite")
+    con.execute("DELETE FROM meta WHERE key = 'flip'")    # an index from before the option
+    con.commit()
+    con.close()
+    with R.Retriever(tmp_path / "idx") as r:
+        hits, _ = r.query(img_path, point=(x, y), k=1)
+        assert r.flip is False and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
 def test_flat_index_equals_brute_force(index6):
     """The FAISS flat index of a built collection against two brute-force oracles: float64
     numpy and the project's ExactIndex (torch)."""
@@ -282,6 +346,11 @@ def test_model_mismatch_is_refused(index6, tmp_path):
     other = small_run(tmp_path / "other", seed=5)
     with pytest.raises(StoreError, match="not the one this index was built with"):
         R.Retriever(index6, other)
+    same_weights_larger_input = small_run(tmp_path / "at96", max_side=96)   # e.g. a bundle
+    with pytest.raises(StoreError, match="resizes images to 96 px but this index was built at 64"):
+        R.Retriever(index6, same_weights_larger_input)
+    with pytest.raises(StoreError, match="resizes images to 96"):
+        R.add_to_index(index6, tmp_path, model_path=same_weights_larger_input, progress=False)
 
 
 def test_build_refuses_existing_index_and_reports_bad_images(run, index6, tmp_path, scenes):
@@ -372,9 +441,13 @@ def test_render_hits(index6, scenes, tmp_path):
                         query_image=read_image(img), query_mask=np.ones((64, 64), bool))
     grid = read_image(out)
     assert grid.shape == (3 * 96, 2 * 96, 3)        # query + 4 hits in 2 columns
-    # each hit tile shows its segment tinted green: more green than red on average there
+    # a hit tile shows its segment tinted green: greener than the same crop untinted
+    h = hits[0]
+    image = read_image(h.image)
+    plain = R._tile(image, np.zeros(image.shape[:2], bool), h.box, "", 96, (80, 255, 80))
     tile = grid[0:96, 96:192].astype(int)
-    assert (tile[..., 1] - tile[..., 0]).mean() > 0
+    plain = plain.astype(int)
+    assert (tile[..., 1] - tile[..., 0]).mean() > (plain[..., 1] - plain[..., 0]).mean() + 5
 
 
 # ------------------------------------------------------------------------------------------
@@ -383,7 +456,8 @@ def test_render_hits(index6, scenes, tmp_path):
 
 class OracleBackend:
     """Embeddings = noisy one-hot codes of the ground-truth class (from the GT masks); logits =
-    5 x the one-hot class. Recognises its images by their preprocessed bytes."""
+    5 x the one-hot class. Recognises its images (and their mirror images) by their
+    preprocessed bytes."""
 
     name = "oracle"
 
@@ -405,6 +479,8 @@ class OracleBackend:
             canvas = np.zeros(prep.padded_hw, np.int64)
             canvas[:rh, :rw] = m
             self.masks[x.tobytes()] = canvas[2::4, 2::4]
+            # the mirrored canvas too (flip-averaged embeddings run it)
+            self.masks[np.ascontiguousarray(x[:, :, ::-1]).tobytes()] = np.ascontiguousarray(canvas[:, ::-1][2::4, 2::4])
 
     def __call__(self, x: torch.Tensor):
         labels = torch.stack([torch.from_numpy(self.masks[x[i].numpy().tobytes()])
