@@ -3,7 +3,8 @@
 Fast tests use an untrained tiny run deployed at 64 px (``max_side`` 64, so the network is
 cheap) and an "oracle" backend whose embeddings are noisy class codes of the ground truth, so
 that the retrieval quality test exercises the real segmentation/index/query code in seconds.
-The slow test trains the tiny model for real.
+A committed trained tiny model (tests/assets/retrieval_tiny) checks issue 6's precision target;
+the slow test trains one for real.
 """
 from __future__ import annotations
 
@@ -549,50 +550,77 @@ def test_random_embedding_precision_is_low(run, scenes, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# issue 6's target with a trained tiny model (committed: training it takes an hour here)
+
+TRAINED_MODEL = Path(__file__).parent / "assets" / "retrieval_tiny"
+
+
+def test_trained_model_reaches_the_precision_target(tmp_path):
+    """A tiny model trained on the built-in scenes (the bundle in tests/assets/retrieval_tiny;
+    how it was made: its README.md), the first 256 training scenes of seed 0 indexed with the
+    defaults (flat index, flip averaging), a point deep inside every val object: precision@10
+    >= 0.8. The scenes are regenerated here: same seed, the same files the model was trained
+    and measured on (benchmarks/results/retrieval_quality.md)."""
+    from spml_deploy.serving.retrieval_quality import point_query_precision
+
+    synthesize(tmp_path / "data", n_train=256, n_val=64, size=128, seed=0)
+    R.build_index(TRAINED_MODEL, str(tmp_path / "data" / "images" / "train_*.png"),
+                  tmp_path / "idx", progress=False)
+    with R.Retriever(tmp_path / "idx") as r:
+        assert r.flip and len(r.store.image_paths()) == 256
+        report = point_query_precision(r, tmp_path / "data", 10, num_classes=len(r.classes))
+    print(report.format(r.classes))
+    assert report.queries == 329
+    assert report.precision >= 0.8, report.format(r.classes)
+
+
+# ------------------------------------------------------------------------------------------
 # the real thing, slow
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SPML_QUALITY_TESTS"),
-                    reason="known gap: the best tiny model trained on a 2-core CPU so far "
-                           "reaches precision@10 0.71, not the 0.8 target (every run: "
-                           "benchmarks/results/retrieval_quality.md); run with "
-                           "SPML_QUALITY_TESTS=1 (SPML_QUALITY_ITERS, _WIDTH, _SCENES, "
-                           "_SUPERVISION, _BASELINE set the iterations, the tiny network's width, "
-                           "the training scenes, the supervision and the baseline)")
+                    reason="trains for about two hours on a 2-core CPU; the committed model "
+                           "(test_trained_model_reaches_the_precision_target) checks the target on "
+                           "every run. Run with SPML_QUALITY_TESTS=1 (SPML_QUALITY_ITERS, _WIDTH, "
+                           "_SCENES, _SUPERVISION, _BASELINE, _MAX_SIDE: iterations, the tiny "
+                           "network's width, training scenes, supervision, baseline, deployed size)")
 def test_trained_model_retrieval_precision(tmp_path):
     """Train the tiny model for real (lr 0.03, no f1 stage; ``SPML_QUALITY_SUPERVISION``, default
-    points; ``SPML_QUALITY_BASELINE``, default none = SPML, or ``ce``/``pce``;
-    ``SPML_QUALITY_ITERS`` iterations, default 6000; ``SPML_QUALITY_WIDTH``, default 16;
-    ``SPML_QUALITY_SCENES`` training scenes, default 256) on the built-in scenes, index the first
-    256 training images, query with a point deep inside every val object: precision@10 >= 0.8
-    (the issue's target).
+    full; ``SPML_QUALITY_BASELINE``, default ``ce``, or ``pce``, or empty for SPML itself;
+    ``SPML_QUALITY_ITERS`` iterations, default 48000; ``SPML_QUALITY_WIDTH``, default 16;
+    ``SPML_QUALITY_SCENES`` training scenes, default 1024) on the built-in scenes, export it at
+    ``SPML_QUALITY_MAX_SIDE`` px (default 192), index the first 256 training images, query with
+    a point deep inside every val object: precision@10 >= 0.8 (the issue's target).
 
-    Every run measured so far, with its command and figures, is in
-    benchmarks/results/retrieval_quality.md (same seed, index and queries as here): precision
-    follows the segmentation quality, i.e. the training length, and most wrong hits of the longest
-    runs are object-textured background blobs that only shape separates. The oracle test above
-    shows the retrieval code reaches 0.99 with a good embedding."""
+    The defaults follow the committed model, with one difference: that one was trained for 30000
+    iterations and resumed for 18000 more (tests/assets/retrieval_tiny/README.md); one straight
+    48000-iteration run has not been measured. Every run so far, with its command and figures:
+    benchmarks/results/retrieval_quality.md (same seed, index and queries as here)."""
+    from spml_deploy.export.bundle import export_bundle
     from spml_deploy.training.train import train
 
-    iters = int(os.environ.get("SPML_QUALITY_ITERS", "6000"))
+    iters = int(os.environ.get("SPML_QUALITY_ITERS", "48000"))
     width = int(os.environ.get("SPML_QUALITY_WIDTH", "16"))
-    n_train = int(os.environ.get("SPML_QUALITY_SCENES", "256"))
-    supervision = os.environ.get("SPML_QUALITY_SUPERVISION", "points")
-    baseline = os.environ.get("SPML_QUALITY_BASELINE", "")
+    n_train = int(os.environ.get("SPML_QUALITY_SCENES", "1024"))
+    supervision = os.environ.get("SPML_QUALITY_SUPERVISION", "full")
+    baseline = os.environ.get("SPML_QUALITY_BASELINE", "ce")
+    max_side = int(os.environ.get("SPML_QUALITY_MAX_SIDE", "192"))
     synthesize(tmp_path / "data", n_train=n_train, n_val=64, size=128, seed=0)
     t0 = time.perf_counter()
     train(tmp_path / "data", supervision, tmp_path / "run", progress=False,
           overrides={"train": {"classifier_iters": 0, "iters": iters, "baseline": baseline},
                      "model": {"width": width}})
+    export_bundle(tmp_path / "run", tmp_path / "bundle", max_side=max_side)
     index_images = sorted((tmp_path / "data" / "images").glob("train_*.png"))[:256]
     (tmp_path / "index-images").mkdir()
     for p in index_images:
         shutil.copy(p, tmp_path / "index-images" / p.name)
-    R.build_index(tmp_path / "run", tmp_path / "index-images", tmp_path / "idx", progress=False)
+    R.build_index(tmp_path / "bundle", tmp_path / "index-images", tmp_path / "idx",
+                  progress=False)
     with R.Retriever(tmp_path / "idx") as r:
         p10, n = precision_at_k(r, tmp_path / "data", 10)
     print(f"trained tiny model ({supervision}{' ' + baseline if baseline else ''}, width "
-          f"{width}, {n_train} scenes, {iters} iterations): "
+          f"{width}, {n_train} scenes, {iters} iterations, at {max_side} px): "
           f"precision@10 {p10:.3f} over {n} queries, {time.perf_counter() - t0:.0f} s")
     assert p10 >= 0.8, f"precision@10 {p10:.3f} over {n} queries"
