@@ -177,8 +177,8 @@ def main() -> None:
         f"{health['index']['images']} scenes of {args.size}x{args.size} px. Each request: a "
         f"{args.size}x{args.size} PNG upload + a random point, k = {args.k} (network "
         f"{'twice: flip averaging, the index default' if health['index'].get('flip') else 'once'}"
-        ", k-means segmentation of the query image, index search, store lookup). Model work is serialised "
-        f"by the service's lock; {args.warmup} warm-up requests not counted. One service start "
+        ", k-means segmentation of the query image, index search, store lookup). Model work is "
+        f"serialised by the service's lock; {args.warmup} warm-up requests not counted. One service start "
         "per torch thread setting (`serve(threads=N)`).",
         "",
         "| clients | torch threads | requests | errors | wall s | requests/s | p50 ms | p90 ms "

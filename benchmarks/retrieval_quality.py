@@ -117,8 +117,8 @@ def main() -> None:
     for r in rows:
         miou = "-" if r["val_miou"] is None else f"{r['val_miou']:.1f}"
         lines.append(f"| {r['run']} | {r['supervision']} | {r['backbone']} | {r['embed_dim']} | "
-                     f"{r['scales']} | {r['max_side']} | {r['iters']} | `{r['dataset']}` | {miou} | **{r['precision']:.3f}** | "
-                     f"{r['queries']} |")
+                     f"{r['scales']} | {r['max_side']} | {r['iters']} | `{r['dataset']}` | {miou} | "
+                     f"**{r['precision']:.3f}** | {r['queries']} |")
     lines += ["", "Per query class (mean precision of its queries):", "",
               "| run | " + " | ".join(names[1:]) + " |",
               "|---|" + "---:|" * (len(names) - 1)]

@@ -133,7 +133,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
         if max_side < INPUT_MULTIPLE:
             raise ExportError(f"--max-side must be at least {INPUT_MULTIPLE}, got {max_side}",
                               fix="e.g. --max-side 512")
-        run = Manifest(**{**run.__dict__, "preprocess": replace(run.preprocess, max_side=max_side)})
+        run = replace(run, preprocess=replace(run.preprocess, max_side=max_side))
     if simplify:
         require_onnxsim()
     trt_mod = _check_engine_prerequisites() if want_engine else None

@@ -424,6 +424,11 @@ def add_to_index(index_dir: str | Path, images_source: str | Path,
         store.close()
 
 
+def stored_flip(meta: dict[str, Any]) -> bool:
+    """Whether the index embeds with flip averaging (indexes from before the option: no)."""
+    return bool(meta.get("flip", False))
+
+
 def check_model(meta: dict[str, Any], manifest: Manifest, folder: Path) -> None:
     """Refuse a model whose embedding space is not the index's: other weights, or the same
     weights deployed at another input size (``export --max-side``)."""
@@ -457,7 +462,7 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
     meta = store.meta()
     grid = tuple(meta["test_grid"])
     iters = int(meta["kmeans_iters"])
-    flip = bool(meta.get("flip", False))           # indexes from before the option: no flip
+    flip = stored_flip(meta)
     t0 = time.perf_counter()
     report = IndexReport(index_dir=str(index_dir))
     known = store.image_paths()
@@ -649,7 +654,7 @@ class Retriever:
             raise
         self.grid = tuple(self.meta["test_grid"])
         self.iters = int(self.meta["kmeans_iters"])
-        self.flip = bool(self.meta.get("flip", False))
+        self.flip = stored_flip(self.meta)
         self.classes = list(self.meta["classes"])
 
     def __len__(self) -> int:

@@ -481,7 +481,8 @@ class OracleBackend:
             canvas[:rh, :rw] = m
             self.masks[x.tobytes()] = canvas[2::4, 2::4]
             # the mirrored canvas too (flip-averaged embeddings run it)
-            self.masks[np.ascontiguousarray(x[:, :, ::-1]).tobytes()] = np.ascontiguousarray(canvas[:, ::-1][2::4, 2::4])
+            mirrored = np.ascontiguousarray(canvas[:, ::-1][2::4, 2::4])
+            self.masks[np.ascontiguousarray(x[:, :, ::-1]).tobytes()] = mirrored
 
     def __call__(self, x: torch.Tensor):
         labels = torch.stack([torch.from_numpy(self.masks[x[i].numpy().tobytes()])
@@ -550,7 +551,7 @@ def test_random_embedding_precision_is_low(run, scenes, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# issue 6's target with a trained tiny model (committed: training it takes an hour here)
+# issue 6's target with a trained tiny model (committed: training it takes two hours here)
 
 TRAINED_MODEL = Path(__file__).parent / "assets" / "retrieval_tiny"
 
