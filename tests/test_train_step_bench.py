@@ -187,3 +187,48 @@ def test_verdicts_follow_the_issue_numbers() -> None:
         anchor, why = bench.anchor_for(args, 320, dev)
         assert anchor is None and why
     assert bench.anchor_for(_args(), 384, cuda)[0] is None
+
+
+@pytest.fixture
+def _tf32_switches():
+    """Restore the global TF32 switches after a test that sets them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_check_tolerance_follows_the_tf32_switches(_tf32_switches) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    assert bench.check_tolerance(cuda) == bench.check_tolerance(cpu) == bench.CHECK_TOLERANCE
+    torch.backends.cudnn.allow_tf32 = True
+    assert bench.check_tolerance(cuda) == bench.CHECK_TOLERANCE_TF32
+    assert bench.check_tolerance(cpu) == bench.CHECK_TOLERANCE      # TF32 never applies there
+    with bench.strict_fp32(cuda):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert bench.check_tolerance(cuda) == bench.CHECK_TOLERANCE
+    assert torch.backends.cudnn.allow_tf32                            # restored
+
+
+@pytest.mark.parametrize("scale, fails", [(1.0, False), (1.0 + 1e-3, True)])
+def test_staged_step_check_fails_when_the_step_differs(monkeypatch, scale: float,
+                                                       fails: bool) -> None:
+    """A staged step whose SPML loss is off by 0.1 % (gradients 1e-3 relative) is refused."""
+    trainer = bench.make_trainer("tiny", 48, 2, None, C, torch.device("cpu"), freeze=False, seed=0)
+    batches = [bench.synthetic_batch(2, 48, C, 12, 0.05, 6, seed) for seed in range(3)]
+    for step in range(2):
+        bench.staged_step(trainer, batches[step], step)
+    real = bench.spml_losses
+
+    def perturbed(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * scale
+        return out
+
+    monkeypatch.setattr(bench, "spml_losses", perturbed)
+    if fails:
+        with pytest.raises(bench.TrainingError, match="differs from Trainer.step"):
+            bench.check_staged_step(trainer, batches[2], 2)
+    else:
+        diff = bench.check_staged_step(trainer, batches[2], 2)
+        assert max(diff.values()) <= bench.CHECK_TOLERANCE
