@@ -8,7 +8,9 @@
   and asked for. FAISS is optional (``pip install 'spml-deploy[index]'``).
 * :class:`ExactIndex`: brute force in torch with the same interface: the oracle of the tests
   and the fallback when FAISS is absent (:func:`make_index`).
-* :class:`KnnClassifier`: ``topk_vote`` semantics on the results of any of the two indexes.
+* :class:`ShardedIndex`: either kind split into shards by id (files that can live on other
+  machines, or shards on several GPUs), searched shard by shard and merged (:func:`merge_topk`).
+* :class:`KnnClassifier`: ``topk_vote`` semantics on the results of any of these indexes.
 
 Search results follow FAISS conventions: numpy ``scores`` [queries, k'] (float32, decreasing)
 and ``ids`` [queries, k'] (int64), with ``k' = min(k, ntotal)`` (pitfall 17); an approximate
@@ -22,6 +24,7 @@ import logging
 import math
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Union
 
@@ -618,7 +621,186 @@ class PrototypeIndex:
         return out
 
 
+    def empty_copy(self, gpu_device: int | None = None) -> "PrototypeIndex":
+        """A new, empty index with this one's trained structure (the same coarse quantiser and
+        codebooks for ``ivf``/``ivfpq``) and parameters, on GPU ``gpu_device`` when this index
+        asked for one; the shards of a :class:`ShardedIndex` are made this way."""
+        if self._index is None:
+            raise ValueError("empty_copy() needs a trained index (call train() first)")
+        faiss = self._faiss
+        out = PrototypeIndex(self.dim, self.index_type, use_gpu=self._want_gpu,
+                             gpu_device=self.gpu_device if gpu_device is None else gpu_device)
+        out.params.update(self.params)
+        cpu = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+        out._index = faiss.clone_index(cpu)
+        out._index.reset()
+        out._apply_search_params()
+        out._to_gpu()
+        return out
+
+
 AnyIndex = Union[PrototypeIndex, ExactIndex]
+
+
+# --------------------------------------------------------------------------------------------
+# shards
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the top-k lists of several indexes into one (scores [Q, k'], ids [Q, k']).
+
+    ``results`` holds one (scores [Q, k_i], ids [Q, k_i]) pair per index, each sorted by
+    decreasing score, with missing results as id -1 / score -inf. The merged list is the ``k' =
+    min(k, sum k_i)`` best entries by decreasing score, equal scores by increasing id (the order
+    in which one flat index holding ids in increasing order reports them); missing results last.
+    """
+    if not results:
+        raise ValueError("merge_topk needs at least one result list")
+    scores = np.concatenate([r[0] for r in results], axis=1)
+    ids = np.concatenate([r[1] for r in results], axis=1)
+    kk = min(int(k), scores.shape[1])
+    missing = ids < 0
+    # sort keys, last one primary: found first, then score (decreasing), then id (increasing)
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids),
+                        -np.where(missing, -np.inf, scores), missing), axis=1)[:, :kk]
+    return (np.take_along_axis(scores, order, axis=1).astype(scores.dtype, copy=False),
+            np.take_along_axis(ids, order, axis=1))
+
+
+class ShardedIndex:
+    """An index split into ``n`` shards by id (id ``i`` lives in shard ``i % n``), searched shard
+    by shard (in parallel threads; FAISS releases the GIL) and merged with :func:`merge_topk`: a
+    ``flat`` sharded index returns the results of one ``flat`` index of the same vectors.
+
+    The structure is trained once, on the vectors of the first :meth:`train` / :meth:`add` call
+    (for ``ivf`` / ``ivfpq`` the coarse quantiser and codebooks), and copied to every shard, so
+    shards can be filled independently. With faiss-gpu and ``use_gpu``, shard ``s`` goes to GPU
+    ``s % number of GPUs``. Saved as one small ``.npz`` naming the shard files
+    (``NAME.shard-S-of-N.npz`` beside it), which can be copied to and searched on other machines.
+
+    Args:
+        dim: vector dimension.
+        shards: number of shards (>= 1).
+        index_type: as :class:`PrototypeIndex`; without FAISS every shard is an :class:`ExactIndex`.
+        use_gpu: spread the shards over the GPUs faiss-gpu sees.
+        **kwargs: :class:`PrototypeIndex` parameters (nlist, nprobe, ...).
+    """
+
+    kind = "sharded"
+
+    def __init__(self, dim: int, shards: int, index_type: str = "flat", use_gpu: bool = False,
+                 **kwargs: Any):
+        if int(shards) < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+        self.dim = int(dim)
+        self.index_type = index_type
+        self.num_shards = int(shards)
+        self._use_gpu = bool(use_gpu)
+        self._kwargs = kwargs
+        self.shards: list[AnyIndex] = []
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids, shard by shard [ntotal]."""
+        if not self.shards:
+            return np.zeros(0, np.int64)
+        return np.concatenate([s.ids for s in self.shards])
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.shards)
+
+    def train(self, vectors: ArrayLike) -> None:
+        """Build the structure on unit vectors [n, dim] and give every shard a copy of it."""
+        if self.shards:
+            raise ValueError("the index is already built; train() must come before the first add()")
+        first = make_index(self.dim, self.index_type, use_gpu=self._use_gpu, **self._kwargs)
+        first.train(vectors)
+        if isinstance(first, ExactIndex):
+            self.shards = [first] + [ExactIndex(self.dim) for _ in range(self.num_shards - 1)]
+            return
+        gpus = first._faiss.get_num_gpus() if first._want_gpu else 0
+        self.shards = [first] + [first.empty_copy(s % gpus if gpus else None)
+                                 for s in range(1, self.num_shards)]
+
+    def add(self, vectors: ArrayLike, ids: ArrayLike | None = None) -> None:
+        """Append unit vectors [n, dim] with int64 ids [n] (default: ntotal .. ntotal + n - 1),
+        each to shard ``id % shards``. The first call builds the structure on these vectors."""
+        v = _vectors(vectors, self.dim, "vectors")
+        _check_unit(v, "vectors")
+        new_ids = _ids(ids, v.shape[0], self.ntotal)
+        if v.shape[0] == 0:
+            return
+        if not self.shards:
+            self.train(v)
+        owner = new_ids % self.num_shards
+        for s, shard in enumerate(self.shards):
+            rows = np.flatnonzero(owner == s)
+            if rows.size:
+                shard.add(v[rows], new_ids[rows])
+
+    def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` inner products over all shards: (scores [Q, k'], ids [Q, k']),
+        ``k' = min(k, ntotal)``; missing results are id -1, score -inf."""
+        q = _vectors(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        live = [s for s in self.shards if s.ntotal]
+        if not live:
+            return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        if len(live) == 1:
+            return live[0].search(q, k)
+        with ThreadPoolExecutor(max_workers=len(live)) as pool:
+            results = list(pool.map(lambda s: s.search(q, k), live))
+        return merge_topk(results, k)
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the speed/recall trade-off of every approximate shard."""
+        for shard in self.shards:
+            if isinstance(shard, PrototypeIndex):
+                shard.set_search_params(nprobe=nprobe, ef_search=ef_search)
+
+    @staticmethod
+    def shard_path(path: str | Path, s: int, n: int) -> Path:
+        """Where shard ``s`` of ``n`` of the index saved at ``path`` lives."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}.shard-{s}-of-{n}{path.suffix}")
+
+    def save(self, path: str | Path) -> None:
+        """Write every shard to its own file, then (atomically, last) the file naming them."""
+        for s, shard in enumerate(self.shards):
+            shard.save(self.shard_path(path, s, self.num_shards))
+        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
+                "index_type": self.index_type, "num_shards": self.num_shards,
+                "shard_files": [self.shard_path(path, s, self.num_shards).name
+                                for s in range(len(self.shards))],
+                "shard_ntotal": [s.ntotal for s in self.shards]}
+        _save_npz(path, {}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, use_gpu: bool = False) -> "ShardedIndex":
+        meta = read_index_meta(path)
+        if meta.get("kind") != cls.kind:
+            raise ManifestError(f"expected a sharded index, found kind {meta.get('kind')!r}",
+                                path=path, fix="use spml_deploy.index.load_index")
+        out = cls(meta["dim"], meta["num_shards"], meta["index_type"], use_gpu=use_gpu)
+        gpus = _faiss().get_num_gpus() if use_gpu and gpu_available() else 0
+        for s, (name, n) in enumerate(zip(meta["shard_files"], meta["shard_ntotal"])):
+            shard_file = Path(path).with_name(name)
+            shard = (ExactIndex.load(shard_file) if read_index_meta(shard_file).get("kind") == "exact"
+                     else PrototypeIndex.load(shard_file, use_gpu=bool(gpus),
+                                              gpu_device=s % gpus if gpus else 0))
+            if shard.ntotal != n:
+                raise ManifestError(f"shard {s} holds {shard.ntotal} vectors, the index file says {n}",
+                                    path=shard_file, fix="rebuild the index (a shard file was replaced)")
+            out.shards.append(shard)
+        return out
 
 
 def make_index(dim: int, index_type: str = "flat", **kwargs: Any) -> AnyIndex:
@@ -633,9 +815,12 @@ def make_index(dim: int, index_type: str = "flat", **kwargs: Any) -> AnyIndex:
     return PrototypeIndex(dim, index_type, **kwargs)
 
 
-def load_index(path: str | Path, use_gpu: bool = False) -> AnyIndex:
-    """Read an index written by :meth:`PrototypeIndex.save` or :meth:`ExactIndex.save`."""
+def load_index(path: str | Path, use_gpu: bool = False) -> AnyIndex | ShardedIndex:
+    """Read an index written by :meth:`PrototypeIndex.save`, :meth:`ExactIndex.save` or
+    :meth:`ShardedIndex.save`."""
     meta = read_index_meta(path)
+    if meta.get("kind") == ShardedIndex.kind:
+        return ShardedIndex.load(path, use_gpu=use_gpu)
     if meta.get("kind") == ExactIndex.kind:
         return ExactIndex.load(path)
     if meta.get("kind") == PrototypeIndex.kind:
@@ -652,8 +837,11 @@ def build_memory_index(prototypes: ArrayLike, index_type: str = "flat") -> AnyIn
     return index
 
 
-def index_is_exact(index: AnyIndex) -> bool:
-    """True when ``index`` returns exact top-k results (brute force or FAISS ``flat``)."""
+def index_is_exact(index: AnyIndex | ShardedIndex) -> bool:
+    """True when ``index`` returns exact top-k results (brute force or FAISS ``flat``; a sharded
+    index when all its shards do)."""
+    if isinstance(index, ShardedIndex):
+        return all(index_is_exact(s) for s in index.shards) if index.shards else index.index_type == "flat"
     return _is_exact(index.kind, getattr(index, "index_type", None))
 
 
