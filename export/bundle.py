@@ -35,7 +35,7 @@ from spml_deploy.backends import (ENGINE_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAM
 from spml_deploy.errors import ExportError, ManifestError, require
 from spml_deploy.export.onnx_export import (as_hw, check_opset, default_imgsz, dynamic_axes,
                                             export_onnx, require_onnxsim)
-from spml_deploy.export.parity import format_parity, parity, parity_sizes
+from spml_deploy.export.parity import format_parity, margin_tolerance, parity, parity_sizes
 from spml_deploy.model import INPUT_MULTIPLE
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
                                 manifest=bundle.to_dict())
         ort = OnnxRuntimeBackend(tmp / ONNX_FILE, device)
         onnx_parity = parity(reference, ort, sizes, batch=pbatch, num_images=parity_images,
-                             seed=seed)
+                             seed=seed, margin_tolerance=margin_tolerance(half))
         onnx_info.update(parity=onnx_parity, parity_reference=reference.describe(),
                          device=ort.describe()["device"], providers=ort.describe()["providers"])
         onnx_info.pop("fp32_nodes", None)
@@ -213,7 +213,8 @@ def _build_and_check_engine(trt: Any, run_dir: Path, tmp: Path, bundle: Manifest
     write_manifest(tmp, provisional)
     engine = TensorRTBackend(tmp, "cuda")
     try:
-        result = parity(ort, engine, sizes, batch=pbatch, num_images=parity_images, seed=seed)
+        result = parity(ort, engine, sizes, batch=pbatch, num_images=parity_images, seed=seed,
+                        margin_tolerance=margin_tolerance(half))
     finally:
         engine.close()
         (tmp / MANIFEST).unlink(missing_ok=True)

@@ -18,7 +18,9 @@ from spml_deploy.export import bundle as bundle_mod
 from spml_deploy.export.benchmark import benchmark, format_table
 from spml_deploy.export.bundle import engine_profile, export_bundle
 from spml_deploy.export.onnx_export import export_onnx, fp32_island
-from spml_deploy.export.parity import label_agreement, parity, parity_sizes
+from spml_deploy.export.parity import (MARGIN_TOLERANCE_HALF, label_agreement, label_disagreements,
+                                       make_inputs, margin_tolerance,
+                                       parity, parity_sizes)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -281,6 +283,54 @@ def test_label_agreement_hand_example():
         label_agreement(ref, torch.zeros(1, 2, 2, 2))
 
 
+def test_margin_aware_agreement_forgives_near_ties_only():
+    # three pixels (1x3 map, read out at its own size): a near-tie flipped, a clear winner
+    # flipped, a clear winner kept
+    ref = torch.tensor([[1.0, 3.0, 0.0], [0.9995, 0.0, 2.0]]).reshape(1, 2, 1, 3)
+    cand = torch.tensor([[0.9995, 0.0, 0.0], [1.0, 3.0, 2.0]]).reshape(1, 2, 1, 3)
+    assert label_disagreements(ref, cand, (1, 3), tolerance=1e-2) == (3, 2, 1)
+    # a tolerance below the near-tie's margin (5e-4) counts both flips
+    assert label_disagreements(ref, cand, (1, 3), tolerance=1e-4) == (3, 2, 2)
+    assert label_disagreements(ref, ref, (1, 3), tolerance=1.0) == (3, 0, 0)
+    assert margin_tolerance(True) > margin_tolerance(False) > 0
+
+
+class _NearTieFlip(Backend):
+    """A candidate that swaps the top two logits wherever the reference's margin is below
+    ``gap`` (a flip within the numeric error) and otherwise returns the reference's logits."""
+
+    name = "near-tie"
+
+    def __init__(self, inner: Backend, gap: float):
+        super().__init__(inner.manifest, inner.device)
+        self.inner, self.gap = inner, gap
+
+    def _run(self, x):
+        phi, logits = self.inner(x)
+        top2, idx = logits.topk(2, dim=1)
+        swap = (top2[:, 0] - top2[:, 1]) < self.gap                      # [B, h, w]
+        out = logits.clone()
+        out.scatter_(1, idx[:, :1], torch.where(swap, top2[:, 1], top2[:, 0])[:, None])
+        out.scatter_(1, idx[:, 1:], torch.where(swap, top2[:, 0], top2[:, 1])[:, None])
+        return phi, out
+
+
+def test_parity_forgives_near_tie_flips_and_counts_clear_flips(run):
+    ref = TorchBackend(run)
+    x = make_inputs([(40, 48)], 1, 1, 0, ref.manifest.preprocess)[0]
+    with torch.inference_mode():
+        scale = float(ref(x)[1].abs().max())
+    gap = 0.5 * MARGIN_TOLERANCE_HALF * scale                   # below the fp16 tolerance
+    r = parity(ref, _NearTieFlip(ref, gap), [(40, 48)], batch=1, num_images=1,
+               margin_tolerance=MARGIN_TOLERANCE_HALF)
+    assert r["near_tie_flips"] > 0 and r["label_agreement"] < 1.0   # some labels really flipped
+    assert r["label_agreement_margin"] == 1.0 and r["passed"]
+    # the same flips are counted when the tolerance is smaller than their margins
+    with pytest.raises(ExportError, match="margin-aware"):
+        parity(ref, _NearTieFlip(ref, 1e3 * scale), [(40, 48)], batch=1, num_images=1,
+               margin_tolerance=MARGIN_TOLERANCE_HALF)
+
+
 class _Perturbed(Backend):
     """A candidate that reverses the class order of the logits: embeddings agree, labels do not."""
 
@@ -297,11 +347,12 @@ class _Perturbed(Backend):
 
 def test_parity_failure_raises_with_numbers(run):
     ref = TorchBackend(run)
-    with pytest.raises(ExportError, match=r"label agreement \d+\.\d+% at 40x48") as exc:
+    with pytest.raises(ExportError, match=r"label agreement \d+\.\d+% \(\d+\.\d+% margin-aware.* at 40x48") as exc:
         parity(ref, _Perturbed(ref), [(40, 48)], batch=1, num_images=1)
     report = exc.value.report
     assert report["mean_cosine"] == pytest.approx(1.0)
     assert report["label_agreement"] == 0.0 and not report["passed"]   # 4 classes: c -> 3 - c
+    assert report["label_agreement_margin"] < 0.01                      # clear flips count
     assert exc.value.exit_code == 2
 
 
