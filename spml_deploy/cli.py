@@ -173,7 +173,9 @@ def _parse_set(values: tuple[str, ...]) -> dict:
                    "loss, segmentation, train, compat).")
 @click.option("--preset", "preset_name", default="tiny", show_default=True,
               type=click.Choice(["tiny", "resnet18", "resnet50", "resnet101"]),
-              help="Network size; tiny trains on a CPU in minutes.")
+              help="Network size; tiny trains on a CPU in minutes. The resnets start from "
+                   "ImageNet weights with --set train.pretrained=imagenet (downloaded once into "
+                   "the torch hub cache) or =/path/to/resnet50.pth (a torchvision state dict).")
 @click.option("--iters", type=int, help="Training iterations (preset: tiny 1200, resnets 30000).")
 @click.option("--batch", type=int, help="Images per iteration (preset per supervision, spec §8; tiny: 8).")
 @click.option("--crop", type=int, help="Training crop size, multiple of 8.")

@@ -128,7 +128,7 @@ class TrainConfig:
     overseg: str = "felzenszwalb"
     overseg_regions: int = 256      # at most this many over-segmentation regions per image
     crf: bool = False               # DenseCRF on the pseudo labels (spec 7.4/7.5; optional package)
-    pretrained: str = ""            # path to ImageNet weights (torchvision state dict), "" = scratch
+    pretrained: str = ""            # "imagenet" (downloaded), a local state dict, "" = scratch
     workers: int = 0                # data-loading worker processes (0 = in the training process)
     train_split: str = "train"
     val_split: str = "val"

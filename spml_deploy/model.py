@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from spml_deploy.config import BACKBONES, ModelConfig
 from spml_deploy.errors import ConfigError
+from spml_deploy.pretrained import pretrained_file
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,7 @@ def resolve_stem(cfg: ModelConfig, pretrained: str | Path | None = None) -> str:
         raise ConfigError(f"unknown model.stem '{wanted}'", fix=f"choose one of {', '.join(STEMS)}")
     if not pretrained:
         return wanted or "deep"
+    pretrained = pretrained_file(pretrained, cfg.backbone)
     found = _stem_of(read_pretrained(pretrained), pretrained)
     if wanted and wanted != found:
         raise ConfigError(f"the pretrained weights have a {found} stem but model.stem is '{wanted}'",
@@ -407,7 +409,8 @@ def build_model(cfg: ModelConfig, pretrained: str | Path | None = None,
                 freeze: bool | None = None) -> tuple[EmbeddingNet, PixelClassifier]:
     """Embedding network and jointly trained classifier f0 for ``cfg``.
 
-    With ``pretrained`` (a local ImageNet state dict), the stem follows the file (see
+    With ``pretrained`` (a local ImageNet state dict, or ``imagenet`` for torchvision's weights
+    of ``cfg.backbone``, downloaded once into the torch hub cache), the stem follows the file (see
     :func:`resolve_stem`), the weights are loaded, the network's BN momentum is the spec's 3e-4
     and stem + stage 2 are frozen (``freeze`` overrides). From scratch nothing is frozen and BN
     momentum is 0.1, unless ``cfg`` says otherwise (``bn_momentum`` field when present). The
@@ -531,7 +534,10 @@ def load_pretrained_backbone(net: EmbeddingNet, path: str | Path, freeze: bool =
     Missing keys (other than ``num_batches_tracked``) are logged; shape mismatches, a stem that
     differs from the network's, or a file that matches nothing raise :class:`ConfigError` naming
     the file and the expected layout. ``freeze`` then freezes stem and stage 2 (spec 6).
+    ``path`` may be ``imagenet`` (torchvision's weights for the backbone, see
+    :func:`spml_deploy.pretrained.pretrained_file`).
     """
+    path = pretrained_file(path, net.cfg.backbone)
     state = read_pretrained(path)
     own = net.backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in own}

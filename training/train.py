@@ -205,6 +205,13 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
         from spml_deploy.crf import require_crf
 
         require_crf()       # before any training, not after it at the pseudo-label stage
+    if cfg.train.pretrained:    # download (or fail) before any data preparation or training
+        from spml_deploy.pretrained import pretrained_file
+
+        if not pretrained_file(cfg.train.pretrained, cfg.model.backbone).is_file():
+            raise ConfigError("pretrained weights file not found", path=cfg.train.pretrained,
+                              fix="give the path of a local ImageNet ResNet state dict "
+                                  "(train.pretrained), or train.pretrained=imagenet")
     if cfg.model.num_classes != num_classes:
         cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes))
     if cfg.preprocess.max_side == 512 and cfg.train.crop != 512:
