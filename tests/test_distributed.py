@@ -111,3 +111,32 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2
     assert (tmp_path / "run" / "spml.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_across_two_nodes(tmp_path):
+    """README's several-machines command, with two launchers on this machine as the two nodes
+    (static rendezvous on loopback): node 0 writes the run, both finish the same steps."""
+    from spml_deploy.synth import synthesize
+
+    ds = tmp_path / "ds"
+    synthesize(ds, n_train=4, n_val=1, size=64, seed=1)
+    port = _free_port()
+    base = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    train = ["-m", "spml_deploy.cli", "train", str(ds), "--supervision", "points",
+             "--out", str(tmp_path / "run"), "--iters", "2", "--batch", "2", "--crop", "64",
+             "--quiet", "--set", "train.classifier_iters=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(base + ["--node_rank", str(r)] + train, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    for p, out in zip(nodes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2
+    assert (tmp_path / "run" / "spml.json").is_file()
