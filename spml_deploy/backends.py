@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spml_deploy.artifacts import MANIFEST, Manifest, load_weights, read_manifest
+from spml_deploy.artifacts import MANIFEST, Manifest, load_weights, model_folder, read_manifest
 from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict
 from spml_deploy.errors import BackendError, ManifestError, require
 from spml_deploy.model import (INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel,
@@ -65,11 +65,7 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _manifest_folder(path: str | Path) -> tuple[Path, Manifest]:
     """The run/bundle folder of ``path`` (a folder, or a file inside one) and its manifest."""
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    if not p.exists():
-        raise ManifestError("path does not exist", path=p,
-                            fix="pass a run folder, a bundle folder or a model.onnx file")
+    folder = model_folder(path)
     return folder, read_manifest(folder, verify=True)
 
 
@@ -182,8 +178,10 @@ class Backend:
 class TorchBackend(Backend):
     """The reference: the torch modules from ``weights.pt``.
 
-    Options: ``precision`` fp32 | tf32 | fp16 | bf16 (fp16/bf16 = autocast, CUDA only; the L2
-    normalisation always runs in fp32), ``channels_last``, ``compile`` (``torch.compile``).
+    Options: ``precision`` fp32 | tf32 | fp16 | bf16 (fp16/bf16 = autocast; tf32 and fp16 need
+    CUDA, bf16 also runs on the CPU; the L2 normalisation always runs in fp32),
+    ``channels_last``, ``compile`` (``torch.compile``). :func:`torch_options` resolves the
+    command line's ``auto`` defaults (bf16 + channels-last on CUDA, fp32 on the CPU).
     """
 
     name = "torch"
@@ -196,9 +194,9 @@ class TorchBackend(Backend):
         super().__init__(manifest, dev)
         if precision not in _PRECISIONS:
             raise BackendError(f"unknown precision '{precision}'", fix=f"one of {_PRECISIONS}")
-        if precision in ("fp16", "bf16", "tf32") and dev.type != "cuda":
+        if precision in ("fp16", "tf32") and dev.type != "cuda":
             raise BackendError(f"precision {precision} needs a CUDA device (got {dev})",
-                               fix="use precision fp32 on the CPU")
+                               fix="use precision fp32 (or bf16) on the CPU")
         self.precision = precision
         self.channels_last = channels_last
         self.classifier_key = model.classifier_key  # type: ignore[attr-defined]
@@ -212,7 +210,7 @@ class TorchBackend(Backend):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("fp16", "bf16"):
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-            return torch.autocast("cuda", dtype=dtype)
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def _run(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,6 +316,29 @@ def create_ort_session(onnx_path: str | Path, providers: list, session_options: 
     return session
 
 
+def ort_providers(provider: str, device: torch.device,
+                  provider_options: dict[str, Any] | None = None) -> list:
+    """ONNX Runtime's provider list for ``provider`` (cpu | cuda | tensorrt) on ``device``.
+
+    ``device_id`` is passed only for a GPU other than the first (ORT's default is 0). Since ONNX
+    Runtime 1.26, a ``device_id`` option makes ORT first look for a registered *plugin* EP
+    device of that name and, finding none (the wheels register none for CUDA), log "No
+    registered plugin EP device found for 'CUDAExecutionProvider'" before it uses its built-in
+    CUDA provider as always: harmless (``create_ort_session`` checks that the provider really
+    runs), but alarming on every session, so it is not triggered on ``cuda:0``.
+    """
+    popts = dict(provider_options or {})
+    if device.type != "cuda":
+        return [(_ORT_PROVIDERS[provider], popts)]
+    index = device.index or 0
+    ids = {"device_id": index} if index else {}
+    popts = {**ids, **popts}
+    providers: list = [(_ORT_PROVIDERS[provider], popts)]
+    if provider == "tensorrt":
+        providers.append(("CUDAExecutionProvider", dict(ids)))
+    return providers
+
+
 class OnnxRuntimeBackend(Backend):
     """``model.onnx`` through ONNX Runtime.
 
@@ -361,14 +382,7 @@ class OnnxRuntimeBackend(Backend):
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        popts = dict(provider_options or {})
-        if dev.type == "cuda":
-            popts.setdefault("device_id", dev.index)
-            providers: list = [(_ORT_PROVIDERS[provider], popts)]
-            if provider == "tensorrt":
-                providers.append(("CUDAExecutionProvider", {"device_id": dev.index}))
-        else:
-            providers = [(_ORT_PROVIDERS[provider], popts)]
+        providers = ort_providers(provider, dev, provider_options)
         self.onnx_path = onnx_path
         self.provider = _ORT_PROVIDERS[provider]
         self.io_binding = dev.type == "cuda" if io_binding is None else bool(io_binding)
@@ -589,6 +603,26 @@ def _locate_file(path: str | Path, default_name: str, role: str) -> tuple[Path, 
         return p, read_onnx_manifest(p)
     raise ManifestError(f"no spml.json next to {p.name}", path=p.parent,
                         fix="keep the engine inside its bundle folder")
+
+
+#: ``--precision`` choices of the command line (``auto``: see :func:`torch_options`).
+CLI_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def torch_options(device: str | torch.device, precision: str = "auto",
+                  channels_last: bool | None = None, compile: bool = False) -> dict[str, Any]:
+    """The torch backend's options from the command line's ``--precision``, ``--channels-last``
+    and ``--compile``: ``auto`` precision is bf16 on CUDA (the network under bfloat16 autocast;
+    embeddings normalised and logits returned in fp32) and fp32 on the CPU; channels-last
+    (None = not given) is on with CUDA, off on the CPU, where it does not pay."""
+    if precision not in CLI_PRECISIONS:
+        raise BackendError(f"unknown precision '{precision}'",
+                           fix=f"use one of {', '.join(CLI_PRECISIONS)}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    return {"precision": precision, "channels_last": cuda if channels_last is None
+            else bool(channels_last), "compile": bool(compile)}
 
 
 def load_backend(path: str | Path, kind: str = "torch", device: str = "cpu",

@@ -223,6 +223,39 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
 # segment
 
 
+#: --precision choices (spml_deploy.backends.CLI_PRECISIONS; repeated so --help imports no torch).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def torch_backend_options(f):
+    """--precision, --channels-last/--no-channels-last and --compile (the torch backend)."""
+    f = click.option("--compile", "compile_", is_flag=True,
+                     help="torch backend: torch.compile the network (slow first batch; pays "
+                          "off on long jobs on a GPU).")(f)
+    f = click.option("--channels-last/--no-channels-last", default=None,
+                     help="torch backend: channels-last memory format  [default: on with CUDA, "
+                          "off on the CPU]")(f)
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+                        show_default=True,
+                        help="torch backend: network precision; auto = bf16 on CUDA (embeddings "
+                             "normalised, logits and everything after the network in fp32), "
+                             "fp32 on the CPU; fp16 needs CUDA.")(f)
+
+
+def _torch_options(backend: str, device: str, precision: str, channels_last: bool | None,
+                   compile_: bool) -> dict:
+    """The torch backend's keyword options, {} for the other backends (which refuse them)."""
+    if backend != "torch":
+        if precision != "auto" or channels_last is not None or compile_:
+            raise click.UsageError(
+                "--precision, --channels-last and --compile apply to the torch backend; an "
+                f"exported {backend} model has its precision from 'spml-deploy export' (--half)")
+        return {}
+    from spml_deploy.backends import torch_options
+
+    return torch_options(device, precision, channels_last, compile_)
+
+
 @cli.command("segment", context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
@@ -249,9 +282,10 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
 @click.option("--overlay", is_flag=True, help="Also write overlays/<path>.png (labels over image).")
 @click.option("--skip-existing", is_flag=True, help="Resume: skip images whose label map exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@torch_backend_options
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
                 knn_search: str, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
-                quiet: bool) -> None:
+                quiet: bool, **torch_opts) -> None:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
     \b
@@ -264,6 +298,7 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     from spml_deploy.serving.segment import run_segment_job
 
     pipe = load_pipeline(model, backend=backend, device=device,
+                         **_torch_options(backend, device, **torch_opts),
                          options=PipelineOptions(classifier=classifier, refine=refine, crf=crf,
                                                  knn_search=knn_search))
     try:
@@ -329,24 +364,43 @@ def export_cmd(run_dir: Path, out, fmt, trt, half, dynamic, imgsz, max_side, ops
         json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
+def _parse_backends(ctx, param, value: str | None) -> list[str] | None:
+    """--backends: a comma-separated list of known backend names (None: not given)."""
+    if value is None:
+        return None
+    names = [b.strip() for b in value.split(",") if b.strip()]
+    kinds = ("torch", "onnxruntime", "tensorrt")
+    bad = [b for b in names if b not in kinds]
+    if bad or not names:
+        raise click.BadParameter(f"unknown backend(s) {', '.join(bad) or repr(value)}; choose "
+                                 f"from {', '.join(kinds)}")
+    return list(dict.fromkeys(names))
+
+
 @cli.command("benchmark", context_settings=CONTEXT)
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
-              help="Comma-separated; unavailable ones are reported as skipped.")
+@click.option("--backends", callback=_parse_backends, metavar="LIST",
+              help="Comma-separated, from torch, onnxruntime, tensorrt  [default: those that "
+                   "can run here; the others are listed once as unavailable]. A backend named "
+                   "here that cannot run is reported as skipped, with the reason.")
 @click.option("--imgsz", default=256, show_default=True)
 @click.option("--batch", default=1, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=30, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write JSON here.")
-def benchmark_cmd(path: Path, backends: str, imgsz: int, batch: int, warmup: int, iters: int,
-                  device: str, json_out: Path | None) -> None:
+@torch_backend_options
+def benchmark_cmd(path: Path, backends: list[str] | None, imgsz: int, batch: int, warmup: int,
+                  iters: int, device: str, json_out: Path | None, **torch_opts) -> None:
     """Latency (median, p90), images/s, per-stage times and TFLOP/s of each backend on PATH
-    (a run folder or bundle), after a warm-up."""
+    (a run folder or bundle), after a warm-up. Preprocessing is the segment job's (uint8
+    upload, normalisation on the device); --precision/--channels-last/--compile set the torch
+    backend (ONNX Runtime and TensorRT run the exported model as it is)."""
     from spml_deploy.export.benchmark import benchmark, format_table
 
-    result = benchmark(path, backends=[b.strip() for b in backends.split(",") if b.strip()],
-                       imgsz=imgsz, batch=batch, warmup=warmup, iters=iters, device=device)
+    result = benchmark(path, backends=backends, imgsz=imgsz, batch=batch, warmup=warmup,
+                       iters=iters, device=device,
+                       options={"torch": _torch_options("torch", device, **torch_opts)})
     click.echo(format_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")

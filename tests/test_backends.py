@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from runs import make_run
 from spml_deploy.artifacts import Manifest, load_weights, read_manifest, write_manifest
 from spml_deploy.backends import (TensorRTBackend, TorchBackend, check_engine_compatible,
+                                  ort_providers, torch_options,
                                   create_ort_session, current_trt_environment, load_backend)
 from spml_deploy.errors import BackendError, ManifestError
 from spml_deploy.model import EmbeddingNet, PixelClassifier
@@ -69,7 +70,33 @@ def test_bad_input_and_options_refused(run):
     with pytest.raises(BackendError, match="unknown option"):
         load_backend(run, "torch", threads=3)
     with pytest.raises(BackendError, match="needs a CUDA device"):
-        load_backend(run, "torch", precision="bf16")
+        load_backend(run, "torch", precision="fp16")
+    with pytest.raises(BackendError, match="unknown precision"):
+        torch_options("cpu", precision="fp8")
+
+
+def test_torch_options_defaults_by_device():
+    assert torch_options("cpu") == {"precision": "fp32", "channels_last": False, "compile": False}
+    assert torch_options("cuda:1") == {"precision": "bf16", "channels_last": True,
+                                       "compile": False}
+    assert torch_options("cuda", "fp32", False, True) == {"precision": "fp32",
+                                                          "channels_last": False, "compile": True}
+
+
+def test_bf16_on_the_cpu_is_close_to_fp32(run):
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(3))
+    phi32, log32 = load_backend(run, "torch")(x)
+    b16 = load_backend(run, "torch", **torch_options("cpu", "bf16", channels_last=True))
+    assert b16.describe()["precision"] == "bf16" and b16.channels_last
+    phi16, log16 = b16(x)
+    assert phi16.dtype == log16.dtype == torch.float32
+    assert not torch.equal(phi16, phi32)                          # really ran in bfloat16
+    cos = (phi16 * phi32).sum(1)
+    assert float(cos.mean()) > 0.999
+    margin = log32.topk(2, dim=1).values
+    clear = (margin[:, 0] - margin[:, 1]) > 0.05 * float(log32.abs().max())
+    same = log16.argmax(1) == log32.argmax(1)
+    assert bool(same[clear].all()) and float(same.float().mean()) > 0.95
 
 
 def test_weights_that_do_not_fit_the_manifest_refused(tmp_path):
@@ -206,3 +233,66 @@ def test_io_binding_path_matches_plain_run(tiny_onnx):
     for a, b in zip(plain(x), bound(x)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_ort_providers_pass_device_id_only_off_the_first_gpu():
+    """ORT >= 1.26 logs a plugin-EP lookup warning whenever device_id is passed; cuda:0 needs
+    none (ORT's default), other GPUs still get theirs."""
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert ort_providers("cpu", cpu, {"arena_extend_strategy": "kSameAsRequested"}) == [
+        ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+    assert ort_providers("cuda", gpu0) == [("CUDAExecutionProvider", {})]
+    assert ort_providers("cuda", gpu1) == [("CUDAExecutionProvider", {"device_id": 1})]
+    assert ort_providers("tensorrt", gpu1, {"trt_fp16_enable": True}) == [
+        ("TensorrtExecutionProvider", {"device_id": 1, "trt_fp16_enable": True}),
+        ("CUDAExecutionProvider", {"device_id": 1})]
+    assert ort_providers("cuda", gpu0, {"device_id": 0}) == [("CUDAExecutionProvider",
+                                                              {"device_id": 0})]   # user's own
+
+
+def test_cli_segment_torch_options_reach_the_backend(run, tmp_path, monkeypatch, capsys):
+    """segment --precision/--channels-last reach TorchBackend; bf16 labels stay close to fp32;
+    the options are refused (exit 2) for the exported backends."""
+    import numpy as np
+    from PIL import Image
+
+    from spml_deploy import backends as backends_mod
+    from spml_deploy.cli import main
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        coarse = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
+        Image.fromarray(coarse).resize((64, 48), Image.BICUBIC).save(src / f"{i}.png")
+    seen = []
+    real_init = backends_mod.TorchBackend.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.precision, self.channels_last))
+
+    monkeypatch.setattr(backends_mod.TorchBackend, "__init__", spy)
+    main(["segment", str(run), str(src), str(tmp_path / "fp32"), "--quiet"])
+    main(["segment", str(run), str(src), str(tmp_path / "bf16"), "--quiet", "--precision", "bf16",
+          "--channels-last"])
+    assert seen == [("fp32", False), ("bf16", True)]
+    same = total = 0
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / "fp32" / "labels" / f"{i}.png"))
+        b = np.asarray(Image.open(tmp_path / "bf16" / "labels" / f"{i}.png"))
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same / total > 0.95
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(run), str(src), str(tmp_path / "o"), "--backend", "onnxruntime",
+              "--precision", "bf16"])
+    assert exc.value.code == 2
+    assert "apply to the torch backend" in capsys.readouterr().err
+
+
+def test_cli_precision_choices_match_the_backend():
+    from spml_deploy.backends import CLI_PRECISIONS
+    from spml_deploy.cli import PRECISIONS
+
+    assert PRECISIONS == CLI_PRECISIONS

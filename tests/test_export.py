@@ -392,6 +392,67 @@ def test_benchmark_reports_and_skips(bundle, run):
     assert "no model.onnx" in r2["backends"]["onnxruntime"]["skipped"]
 
 
+def test_benchmark_defaults_to_the_backends_that_run_here(bundle, run, caplog):
+    out, _ = bundle
+    with caplog.at_level("WARNING"):
+        r = benchmark(out, None, imgsz=32, batch=1, warmup=0, iters=1)
+    assert set(r["backends"]) == {"torch", "onnxruntime"}          # CPU: no TensorRT attempt
+    assert set(r["unavailable"]) == {"tensorrt"} and "CUDA" in r["unavailable"]["tensorrt"]
+    assert not [rec for rec in caplog.records if rec.levelname == "WARNING"]
+    table = format_table(r)
+    assert table.count("tensorrt") == 1 and "not available here: tensorrt" in table
+    r2 = benchmark(run, None, imgsz=32, warmup=0, iters=1)         # a run folder: no model.onnx
+    assert set(r2["backends"]) == {"torch"} and "no model.onnx" in r2["unavailable"]["onnxruntime"]
+    with pytest.raises(ExportError, match="unknown backend.*tflite"):
+        benchmark(out, ["torch", "tflite"], imgsz=32, warmup=0, iters=1)
+
+
+def test_benchmark_preprocessing_is_the_segment_jobs(bundle, monkeypatch):
+    """The timed input path is prepare_batch (uint8 upload, device normalisation), and the
+    network gets exactly what stacking pipeline.preprocess of each image gives."""
+    from spml_deploy.export import benchmark as bench_mod
+    from spml_deploy.pipeline import preprocess
+
+    out, _ = bundle
+    seen = []
+    real = bench_mod.prepare_batch
+
+    def spy(images, pp, device):
+        x, prepped = real(images, pp, device)
+        ref = np.stack([preprocess(im, pp)[0] for im in images])
+        seen.append(torch.equal(x.cpu(), torch.from_numpy(ref)))
+        return x, prepped
+
+    monkeypatch.setattr(bench_mod, "prepare_batch", spy)
+    benchmark(out, ["torch"], imgsz=32, batch=2, warmup=0, iters=2)
+    assert seen == [True, True]
+
+
+def test_cli_benchmark_backends_and_torch_options(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from spml_deploy.cli import cli
+
+    out, _ = bundle
+    res = CliRunner().invoke(cli, ["benchmark", str(out), "--backends", "torch,foo"])
+    assert res.exit_code == 2 and "foo" in res.output
+    assert "choose from torch, onnxruntime, tensorrt" in res.output
+    js = tmp_path / "b.json"
+    res = CliRunner().invoke(cli, ["benchmark", str(out), "--imgsz", "32", "--warmup", "0",
+                                   "--iters", "1", "--precision", "bf16", "--channels-last",
+                                   "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(js.read_text())
+    cfg = r["backends"]["torch"]["config"]
+    assert cfg["precision"] == "bf16" and cfg["channels_last"] is True and cfg["compile"] is False
+    assert "torch (bf16, channels-last)" in res.output
+    assert set(r["backends"]) == {"torch", "onnxruntime"} and "tensorrt" in r["unavailable"]
+    res = CliRunner().invoke(cli, ["benchmark", str(out), "--imgsz", "32", "--warmup", "0",
+                                   "--iters", "1", "--backends", "torch", "--json", str(js)])
+    cfg = json.loads(js.read_text())["backends"]["torch"]["config"]
+    assert res.exit_code == 0 and cfg["precision"] == "fp32" and not cfg["channels_last"]
+
+
 # ------------------------------------------------------------------------------------------
 # TensorRT (needs the tensorrt package and a CUDA GPU; neither exists in the dev environment)
 
