@@ -476,3 +476,43 @@ def test_refine_labels_large_grid_uses_chebyshev():
     assert (up - ref_up).abs().max() <= 1e-4
     assert (labels != ref_labels).float().mean() <= 1e-3  # ties within 1e-4 may flip
     assert not (labels == 2).any()  # the absent class
+
+
+# --------------------------------------------------------------------------------------------
+# the batched walk of a GPU segment job (matvec, one batched product per step)
+
+
+def test_auto_method_and_budget_by_device(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert R.auto_method(cuda, 4096) == "matvec" and R.auto_method(cpu, 4096) == "chebyshev"
+    assert R.auto_method(cuda, R.DENSE_MAX_CELLS) == R.auto_method(cpu, 100) == "dense"
+    assert R.walk_budget(cpu) == R.DEFAULT_MAX_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (100 << 30, 140 << 30))
+    assert R.walk_budget(cuda) == 50 << 30                      # half of the free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 20, 140 << 30))
+    assert R.walk_budget(cuda) == R.DEFAULT_MAX_BYTES
+    # 16 images of a 64x64 grid (2 x 64 MiB each for matvec) are one walk within 50 GiB
+    assert len(CW._chunks(16, 4096, 4, 2, 50 << 30)) == 1
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+def test_batched_matvec_walk_matches_per_image_dense_fp32(monkeypatch, sigma: float):
+    """The CUDA ``auto`` path (matvec, the whole batch in one walk) against the per-image
+    float32 dense walk: max abs difference <= 1e-4, >= 99.9% equal labels."""
+    scores, phi, _ = clustered(4, 32, 32, sigma, C=21, seed=7)
+    ref = torch.cat([R.random_walk_dense(scores[i:i + 1], phi[i:i + 1]) for i in range(4)])
+    chunks = []
+    real = CW._chunks
+
+    def spy(*args):
+        out = real(*args)
+        chunks.append(len(out))
+        return out
+
+    monkeypatch.setattr(R, "_chunks", spy)
+    monkeypatch.setattr(R, "walk_budget", lambda device: 64 << 20)
+    monkeypatch.setattr(R, "auto_method", lambda device, cells: "matvec")   # as on CUDA
+    got, report = R.random_walk(scores, phi, method="auto", return_report=True)
+    assert chunks == [1] and report.methods == ["matvec"] * 4
+    assert float((got - ref).abs().max()) <= 1e-4
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= 0.999
