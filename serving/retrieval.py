@@ -18,7 +18,14 @@ open completes it from the stored vectors (:func:`sync_index`).
 
 ``query`` finds the segments most similar to a point (the query image's segment under it), a box
 or a mask (the normalised pooled embedding of the cells they cover, each cell weighted by the
-number of its original pixels inside), optionally keeping only one predicted class.
+number of its original pixels inside), optionally keeping only one predicted class. By default
+the query image's own segments are left out when the image is in the index (recognised by the
+:func:`~spml_deploy.serving.store.content_hash` of its decoded pixels, stored per image):
+otherwise its neighbouring segments fill the top of the list.
+
+Hits name their image three ways: ``image`` the absolute path on the indexing machine (for
+local use: drawing, the CLI), ``image_rel`` the path relative to the folder given to ``index
+build`` (what the HTTP service returns, never the server's file system layout) and ``image_id``.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +55,7 @@ from spml_deploy.prototypes import majority_label, segment_memory
 from spml_deploy.serving.segment import _batches, discover
 from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
                                        ImageRecord, SegmentRow, SegmentStore, StoreError,
-                                       rle_encode)
+                                       content_hash, rle_encode)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,51 @@ def pixel_to_cell(n_orig: int, n_resized: int, n_cells: int) -> np.ndarray:
     return np.minimum(np.floor(centre / STRIDE).astype(np.int64), n_cells - 1)
 
 
+def _cell_ranges(pixel_cell: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and end (exclusive) original pixel of every cell along one axis (``pixel_cell``
+    is non-decreasing; a cell without pixels gets an empty range)."""
+    cells = np.arange(n_cells)
+    return (np.searchsorted(pixel_cell, cells, "left"),
+            np.searchsorted(pixel_cell, cells, "right"))
+
+
+def segment_geometry(local: np.ndarray, n: int, row_cell: np.ndarray, col_cell: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[bytes]]:
+    """Segments of an image at its original size, computed from its cells.
+
+    ``local`` [hv, wv]: the segment (0..n-1; n = none) of every valid cell; ``row_cell`` [H] /
+    ``col_cell`` [W]: the cell row / column of every original pixel row / column
+    (:func:`pixel_to_cell`). Returns (``keep`` [K] the segments covering at least one original
+    pixel, their ``boxes`` [K, 4] (x, y, w, h), ``areas`` [K] and RLE ``masks`` cropped to the
+    box), the same as reading them off the full-size map ``local[row_cell][:, col_cell]``, but
+    without building it: the memory is that of the largest box (bool), not 4-8 bytes per pixel.
+    """
+    hv, wv = local.shape
+    rows_n = np.bincount(row_cell, minlength=hv)              # original pixels per cell row
+    cols_n = np.bincount(col_cell, minlength=wv)
+    areas = np.bincount(local.reshape(-1), weights=np.outer(rows_n, cols_n).reshape(-1),
+                        minlength=n + 1)[:n]
+    areas = np.rint(areas).astype(np.int64)
+    keep = np.flatnonzero(areas > 0)
+    r_idx, c_idx = np.nonzero((rows_n > 0)[:, None] & (cols_n > 0)[None, :])
+    rows_any = np.zeros((n + 1, hv), bool)
+    cols_any = np.zeros((n + 1, wv), bool)
+    rows_any[local[r_idx, c_idx], r_idx] = True
+    cols_any[local[r_idx, c_idx], c_idx] = True
+    row_start, row_end = _cell_ranges(row_cell, hv)
+    col_start, col_end = _cell_ranges(col_cell, wv)
+    y0 = row_start[rows_any[keep].argmax(1)]
+    y1 = row_end[hv - 1 - rows_any[keep, ::-1].argmax(1)]
+    x0 = col_start[cols_any[keep].argmax(1)]
+    x1 = col_end[wv - 1 - cols_any[keep, ::-1].argmax(1)]
+    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.int64)
+    masks = []
+    for j, s in enumerate(keep):
+        inside = local == s                                       # [hv, wv]
+        masks.append(rle_encode(inside[row_cell[y0[j]:y1[j]]][:, col_cell[x0[j]:x1[j]]]))
+    return keep, boxes, areas[keep], masks
+
+
 @torch.no_grad()
 def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray], flip: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Prepared]]:
@@ -181,26 +234,14 @@ def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
         local = np.where(pix_np[i, :hv, :wv] >= 0, pix_np[i, :hv, :wv] - first[i], n_i)
         local = local.astype(np.int32)
         row_cell, col_cell = pixel_to_cell(H, rh, hv), pixel_to_cell(W, rw, wv)
-        seg = local[row_cell[:, None], col_cell[None, :]]
-        areas = np.bincount(seg.reshape(-1), minlength=n_i + 1)[:n_i]
-        rows_any = np.zeros((n_i + 1, H), bool)
-        cols_any = np.zeros((n_i + 1, W), bool)
-        rows_any[seg, np.arange(H)[:, None]] = True
-        cols_any[seg, np.arange(W)[None, :]] = True
-        keep = np.flatnonzero(areas > 0)
-        y0 = rows_any[keep].argmax(1)
-        y1 = H - rows_any[keep, ::-1].argmax(1)
-        x0 = cols_any[keep].argmax(1)
-        x1 = W - cols_any[keep, ::-1].argmax(1)
-        boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.int64)
+        keep, boxes, areas, masks = segment_geometry(local, n_i, row_cell, col_cell)
         renum = np.full(n_i + 1, -1, np.int64)
         renum[keep] = np.arange(keep.size)
-        masks = [rle_encode(seg[y0[j]:y1[j], x0[j]:x1[j]] == s) for j, s in enumerate(keep)]
         cells = renum[local]
         out.append(SegmentedImage(
             width=W, height=H, vectors=protos_np[first[i] + keep].astype(np.float32),
             class_ids=classes_np[first[i] + keep].astype(np.int64), boxes=boxes,
-            areas=areas[keep].astype(np.int64), masks=masks,
+            areas=areas, masks=masks,
             phi=phi[i, :, :hv, :wv].float().cpu(), cells=cells, row_cell=row_cell,
             col_cell=col_cell))
     return out
@@ -374,6 +415,7 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
     manifest = read_manifest(folder, verify=True)
     grid, iters = segmentation_settings(folder)
     items = _discover(images_source)          # before anything is written
+    root = images_root(images_source, items)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         store = SegmentStore(out / STORE_FILE, create=True)
@@ -392,6 +434,7 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
                 "flip": bool(flip),
                 "max_side": int(manifest.preprocess.max_side),
                 "mask_encoding": MASK_ENCODING,
+                "images_root": str(root),
             })
             with _backend(folder, backend, device, **backend_options) as be:
                 return _ingest(out, store, be, manifest, items, batch, progress)
@@ -447,6 +490,26 @@ def check_model(meta: dict[str, Any], manifest: Manifest, folder: Path) -> None:
                                           f"({meta.get('model_path')}), or build a new index")
 
 
+def images_root(source: str | Path, items: Sequence) -> Path:
+    """The folder the relative names of ``items = discover(source)`` start from (absolute): the
+    folder itself, else the common folder of the listed / matched images."""
+    p = Path(str(source))
+    if p.is_dir() or not items:
+        return p.resolve() if p.is_dir() else p.parent.resolve()
+    return Path(os.path.commonpath([str(it.path.resolve().parent) for it in items]))
+
+
+def _relative_name(path: Path, root: str | None, fallback: str) -> str:
+    """``path`` relative to the index's images root when it lies under it, else ``fallback``
+    (the name relative to the folder given to ``index add``; indexes from before the root)."""
+    if root:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return fallback
+
+
 def _discover(source: str | Path) -> list:
     items = discover(source)
     if not items:
@@ -463,6 +526,7 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
     grid = tuple(meta["test_grid"])
     iters = int(meta["kmeans_iters"])
     flip = stored_flip(meta)
+    root = meta.get("images_root")
     t0 = time.perf_counter()
     report = IndexReport(index_dir=str(index_dir))
     known = store.image_paths()
@@ -493,9 +557,12 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
                         report.failed += [(str(it.path), exc.message) for it, _ in good]
                         bar.update(len(group))
                         continue
-                    records = [ImageRecord(str(it.path.resolve()), it.rel, s.width, s.height,
-                                           s.boxes, s.areas, s.class_ids, s.masks, s.vectors)
-                               for (it, _), s in zip(good, segs)]
+                    records = []
+                    for (it, im), s in zip(good, segs):
+                        path = it.path.resolve()
+                        records.append(ImageRecord(
+                            str(path), _relative_name(path, root, it.rel), s.width, s.height,
+                            s.boxes, s.areas, s.class_ids, s.masks, s.vectors, content_hash(im)))
                     ids = store.add_images(records)
                     report.added_images += len(records)
                     report.added_segments += int(ids.size)
@@ -523,21 +590,34 @@ class Hit:
     """One retrieved segment."""
 
     score: float                    # cosine similarity to the query prototype
-    image: str                      # indexed image path
+    image: str                      # indexed image: absolute path on the indexing machine
     segment_id: int                 # store/FAISS id
     box: tuple[int, int, int, int]  # x, y, w, h in original pixels
     class_id: int
     class_name: str
     area: int
     row: SegmentRow = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    image_rel: str = ""             # path relative to the images root of 'index build'
+    image_id: int = -1              # the store's id of the image
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": round(float(self.score), 6), "image": self.image,
-                "segment_id": self.segment_id, "box": list(self.box), "class_id": self.class_id,
-                "class": self.class_name, "area": self.area}
+    def to_dict(self, local_paths: bool = False) -> dict[str, Any]:
+        """JSON form: ``image`` is the relative name; ``local_paths`` adds ``path`` (absolute,
+        for a local user; the HTTP service never sends it)."""
+        out = {"score": round(float(self.score), 6), "image": self.image_rel,
+               "image_id": self.image_id, "segment_id": self.segment_id, "box": list(self.box),
+               "class_id": self.class_id, "class": self.class_name, "area": self.area}
+        if local_paths:
+            out["path"] = self.image
+        return out
 
 
-def _parse_ints(value: Any, n: int, what: str) -> tuple[int, ...]:
+def parse_coords(value: Any, n: int, what: str) -> tuple[int, ...]:
+    """``"x,y"`` / ``"x,y,w,h"`` (or a sequence) -> ``n`` whole pixel numbers.
+
+    Fractional values are refused (:class:`QueryError` naming ``what``), not rounded: a point
+    query is the segment under one pixel, and silently moving it could pick another segment.
+    ``"12.0"`` is accepted as 12."""
+    form = "X,Y" if n == 2 else "X,Y,W,H"
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").split(",") if p]
     else:
@@ -546,11 +626,15 @@ def _parse_ints(value: Any, n: int, what: str) -> tuple[int, ...]:
         nums = tuple(float(p) for p in parts)
     except (TypeError, ValueError) as exc:
         raise QueryError(f"{what} must be {n} numbers, got {value!r}",
-                         fix=f"write it as {'X,Y' if n == 2 else 'X,Y,W,H'}") from exc
+                         fix=f"write it as {form}") from exc
     if len(nums) != n or not all(math.isfinite(v) for v in nums):
         raise QueryError(f"{what} must be {n} finite numbers, got {value!r}",
-                         fix=f"write it as {'X,Y' if n == 2 else 'X,Y,W,H'}")
-    return tuple(int(math.floor(v)) for v in nums)
+                         fix=f"write it as {form}")
+    if not all(float(v).is_integer() for v in nums):
+        raise QueryError(f"{what} must be whole pixels, got {value!r}",
+                         fix=f"round the coordinates yourself, e.g. {what} "
+                             + ",".join(str(int(math.floor(v))) for v in nums))
+    return tuple(int(v) for v in nums)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -575,7 +659,7 @@ def query_vector(seg: SegmentedImage, point: Any = None, box: Any = None,
     H, W = seg.height, seg.width
     hv, wv = seg.cells.shape
     if point is not None:
-        x, y = _parse_ints(point, 2, "point")
+        x, y = parse_coords(point, 2, "point")
         if not (0 <= x < W and 0 <= y < H):
             raise QueryError(f"point ({x}, {y}) lies outside the {W}x{H} image",
                              fix=f"use 0 <= x < {W} and 0 <= y < {H} (pixels of the image)")
@@ -584,7 +668,7 @@ def query_vector(seg: SegmentedImage, point: Any = None, box: Any = None,
         return seg.vectors[s], {"point": [x, y], "segment": s, "box": seg.boxes[s].tolist(),
                                 "class_id": int(seg.class_ids[s])}
     if box is not None:
-        x, y, w, h = _parse_ints(box, 4, "box")
+        x, y, w, h = parse_coords(box, 4, "box")
         if w < 1 or h < 1 or x < 0 or y < 0 or x + w > W or y + h > H:
             raise QueryError(f"box ({x}, {y}, {w}, {h}) is empty or not inside the {W}x{H} image",
                              fix="give X,Y,W,H with W,H >= 1, X+W <= width and Y+H <= height")
@@ -597,16 +681,29 @@ def query_vector(seg: SegmentedImage, point: Any = None, box: Any = None,
         if mask.shape != (H, W):
             raise QueryError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {W}x{H}",
                              fix="draw the mask at the query image's size")
-        ys, xs = np.nonzero(mask)
-        if ys.size == 0:
+        inside = int(np.count_nonzero(mask))
+        if inside == 0:
             raise QueryError("mask is empty (no pixel inside)",
                              fix="mark the region with non-zero (white) pixels")
-        weight = np.bincount(seg.row_cell[ys] * wv + seg.col_cell[xs],
-                             minlength=hv * wv).reshape(hv, wv).astype(np.float64)
-        desc = {"mask_pixels": int(ys.size)}
+        weight = _cell_counts(mask, seg.row_cell, seg.col_cell, hv, wv)
+        desc = {"mask_pixels": inside}
     wt = torch.from_numpy(weight).to(seg.phi.dtype)
     pooled = (seg.phi * wt).flatten(1).sum(1)
     return F.normalize(pooled, dim=0, eps=1e-12).numpy().astype(np.float32), desc
+
+
+def _cell_counts(mask: np.ndarray, row_cell: np.ndarray, col_cell: np.ndarray, hv: int, wv: int
+                 ) -> np.ndarray:
+    """Pixels of the bool ``mask`` [H, W] inside every cell, float64 [hv, wv], one cell row at a
+    time (no per-pixel index arrays: the memory is a few rows of the mask)."""
+    row_start, row_end = _cell_ranges(row_cell, hv)
+    cols, col_first = np.unique(col_cell, return_index=True)
+    out = np.zeros((hv, wv), np.float64)
+    for r in range(hv):
+        if row_end[r] > row_start[r]:
+            per_column = mask[row_start[r]:row_end[r]].sum(axis=0, dtype=np.int64)
+            out[r, cols] = np.add.reduceat(per_column, col_first)
+    return out
 
 
 def query_region(seg: SegmentedImage, point: Any = None, box: Any = None,
@@ -614,10 +711,10 @@ def query_region(seg: SegmentedImage, point: Any = None, box: Any = None,
     """The query's pixels, bool [H, W] (for drawing): the segment under the point, the box, or
     the mask. Arguments as in :func:`query_vector` (validated there)."""
     if point is not None:
-        x, y = _parse_ints(point, 2, "point")
+        x, y = parse_coords(point, 2, "point")
         return seg.segment_map() == seg.cells[seg.row_cell[y], seg.col_cell[x]]
     if box is not None:
-        x, y, w, h = _parse_ints(box, 4, "box")
+        x, y, w, h = parse_coords(box, 4, "box")
         out = np.zeros((seg.height, seg.width), bool)
         out[y:y + h, x:x + w] = True
         return out
@@ -656,6 +753,7 @@ class Retriever:
         self.iters = int(self.meta["kmeans_iters"])
         self.flip = stored_flip(self.meta)
         self.classes = list(self.meta["classes"])
+        self.unhashed_images = self.store.images_without_hash()
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -673,15 +771,19 @@ class Retriever:
         raise QueryError(f"unknown class '{class_name}'",
                          fix=f"choose one of {', '.join(self.classes)}")
 
-    def search(self, vector: np.ndarray, k: int = 10, class_id: int | None = None) -> list[Hit]:
+    def search(self, vector: np.ndarray, k: int = 10, class_id: int | None = None,
+               exclude_images: dict[int, int] | None = None) -> list[Hit]:
         """Top-``k`` segments by cosine similarity to ``vector`` [D]; with ``class_id`` only
-        segments predicted as that class (the search goes deeper until k of them are found)."""
+        segments predicted as that class; ``exclude_images`` ({image id: its segment count}, see
+        :meth:`self_images`) leaves out the segments of those images. The search goes deeper
+        until k segments pass the filters (or the index is exhausted)."""
         if k < 1:
             raise QueryError(f"k must be at least 1, got {k}", fix="e.g. -k 10")
         n = len(self)
         if n == 0:
             return []
-        depth = min(n, k if class_id is None else max(4 * k, 64))
+        skip = dict(exclude_images or {})
+        depth = min(n, (k if class_id is None else max(4 * k, 64)) + sum(skip.values()))
         q = np.ascontiguousarray(vector, np.float32).reshape(1, -1)
         while True:
             scores, ids = self.index.search(q, depth)
@@ -689,27 +791,47 @@ class Retriever:
             ok = ids >= 0
             rows = self.store.segments(ids[ok].tolist())
             hits = [Hit(float(s), r.image_path, r.id, tuple(r.box), r.class_id,
-                        self._name(r.class_id), r.area, r) for s, r in zip(scores[ok], rows)]
+                        self._name(r.class_id), r.area, r, r.image_rel, r.image_id)
+                    for s, r in zip(scores[ok], rows) if r.image_id not in skip]
             if class_id is not None:
                 hits = [h for h in hits if h.class_id == class_id]
             if len(hits) >= k or depth >= n:
                 return hits[:k]
             depth = min(n, depth * 4)
 
+    def self_images(self, image: np.ndarray) -> tuple[dict[int, int], bool | None]:
+        """The indexed copies of ``image`` (same decoded pixels): ({image id: segment count},
+        whether the image is in the index: True, False, or None when it is not found but some
+        images were indexed before content hashes were stored, so it cannot be told)."""
+        found = self.store.images_with_hash(content_hash(image))
+        if found:
+            return found, True
+        return found, (None if self.unhashed_images else False)
+
     def query(self, image: np.ndarray | str | Path, point: Any = None, box: Any = None,
               mask: np.ndarray | str | Path | None = None, k: int = 10,
-              class_name: str | None = None) -> tuple[list[Hit], dict[str, Any]]:
-        """Hits for a point / box / mask on ``image`` (array or path), and the query's description."""
+              class_name: str | None = None, exclude_self: bool = True,
+              seg: SegmentedImage | None = None) -> tuple[list[Hit], dict[str, Any]]:
+        """Hits for a point / box / mask on ``image`` (array or path), and the query's description.
+
+        ``exclude_self``: leave out the segments of the query image itself when it is in the
+        index (same decoded pixels). The description says so: ``in_index`` (True / False / None:
+        cannot be told, see :meth:`self_images`) and ``excluded_images`` (how many indexed
+        images were left out). ``seg``: the query image's :meth:`segment`, when the caller has it.
+        """
         class_id = self.class_id(class_name)
         if not isinstance(image, np.ndarray):
             image = read_image(image)
         if mask is not None and not isinstance(mask, np.ndarray):
             mask = read_mask(mask)
-        seg = self.segment(image)
+        seg = self.segment(image) if seg is None else seg
         vec, desc = query_vector(seg, point=point, box=box, mask=mask)
         if "class_id" in desc:
             desc["class"] = self._name(desc["class_id"])
-        return self.search(vec, k, class_id), desc
+        copies, in_index = self.self_images(image)
+        skip = copies if exclude_self else {}
+        desc.update(in_index=in_index, excluded_images=len(skip))
+        return self.search(vec, k, class_id, exclude_images=skip), desc
 
     def _name(self, class_id: int) -> str:
         return self.classes[class_id] if 0 <= class_id < len(self.classes) else str(class_id)
@@ -734,14 +856,16 @@ class Retriever:
 def query(index_dir: str | Path, model_path: str | Path | None, image: str | Path | np.ndarray,
           point: Any = None, box: Any = None, mask: str | Path | np.ndarray | None = None,
           k: int = 10, class_name: str | None = None, backend: str = "torch",
-          device: str = "cpu") -> list[Hit]:
+          device: str = "cpu", exclude_self: bool = True) -> list[Hit]:
     """Top-``k`` indexed segments most similar to a point / box / mask on ``image``.
 
     ``model_path`` None: the model the index was built with. ``class_name``: keep only hits
-    predicted as that class. Raises :class:`QueryError` for out-of-image points/boxes.
+    predicted as that class. ``exclude_self``: see :meth:`Retriever.query`. Raises
+    :class:`QueryError` for out-of-image points/boxes.
     """
     with Retriever(index_dir, model_path, backend=backend, device=device) as r:
-        hits, _ = r.query(image, point=point, box=box, mask=mask, k=k, class_name=class_name)
+        hits, _ = r.query(image, point=point, box=box, mask=mask, k=k, class_name=class_name,
+                          exclude_self=exclude_self)
     return hits
 
 

@@ -6,8 +6,12 @@ Tables
   (sha256 of the model's weights file, equal for a run and its bundles), ``manifest_sha256``,
   ``model_path``, ``embed_dim`` (D), ``index_type``, ``index_options``, ``classes``, ``test_grid``,
   ``kmeans_iters``, ``mask_encoding``.
-* ``images(id INTEGER PRIMARY KEY, path TEXT UNIQUE, rel TEXT, width, height, num_segments)``:
-  every indexed image (absolute path).
+* ``images(id INTEGER PRIMARY KEY, path TEXT UNIQUE, rel TEXT, width, height, num_segments,
+  content_sha256 TEXT)``: every indexed image: ``path`` absolute (for the local user), ``rel``
+  relative to the images root of ``index build`` (meta ``images_root``; what the HTTP service
+  shows), ``content_sha256`` the :func:`content_hash` of its decoded pixels (recognises a query
+  image that is in the index; NULL in stores written before the column, which is added the
+  first time such a store is written to).
 * ``segments(id INTEGER PRIMARY KEY, image_id, segment_index, x, y, w, h, area, class_id,
   mask_rle BLOB, vector BLOB)``: ``id`` IS the FAISS id. Ids are dense: 0, 1, 2, ... in the order
   the segments were added. Box and area are in original image pixels; ``vector`` is the float32
@@ -26,6 +30,7 @@ back (see ``retrieval.open_index``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -49,7 +54,8 @@ CREATE TABLE IF NOT EXISTS images (
     rel TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    num_segments INTEGER NOT NULL
+    num_segments INTEGER NOT NULL,
+    content_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY,
@@ -63,6 +69,7 @@ CREATE TABLE IF NOT EXISTS segments (
 );
 CREATE INDEX IF NOT EXISTS segments_image ON segments(image_id);
 """
+_HASH_INDEX = "CREATE INDEX IF NOT EXISTS images_hash ON images(content_sha256)"
 
 
 class StoreError(SpmlError):
@@ -97,6 +104,16 @@ def rle_decode(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(values, runs).reshape(h, w)
 
 
+def content_hash(image: np.ndarray) -> str:
+    """sha256 (hex) of a decoded image: its shape and its pixel bytes (RGB uint8 [H, W, 3] as
+    ``imageio.read_image`` returns it). The same picture re-encoded losslessly, or uploaded
+    instead of read from disk, has the same hash; a resized or re-compressed (JPEG) one does not."""
+    arr = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------
 # records
 
@@ -114,6 +131,7 @@ class ImageRecord:
     class_ids: np.ndarray             # [S] int predicted class
     masks: list[bytes]                # S RLE blobs (rle-bbox-u32)
     vectors: np.ndarray               # [S, D] float32 unit prototypes
+    content_sha256: str | None = None  # content_hash of the decoded image
 
     @property
     def num_segments(self) -> int:
@@ -133,6 +151,7 @@ class SegmentRow:
     class_id: int
     mask_rle: bytes = field(repr=False)
     image_size: tuple[int, int] = (0, 0)   # (width, height)
+    image_id: int = -1                     # the store's id of the image
 
     def mask(self) -> np.ndarray:
         """The segment mask inside its box, bool [h, w]."""
@@ -167,9 +186,20 @@ class SegmentStore:
             self._con.execute("PRAGMA journal_mode=WAL")
             self._con.execute("PRAGMA synchronous=FULL")
             self._con.executescript(_SCHEMA)
+            columns = {r[1] for r in self._con.execute("PRAGMA table_info(images)")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"not a readable SQLite segment store ({exc})", path=self.path,
                              fix="rebuild the index (spml-deploy index build)") from exc
+        self._has_hash = "content_sha256" in columns      # stores from before the column: no
+        if self._has_hash:
+            self._con.execute(_HASH_INDEX)
+
+    def _add_hash_column(self) -> None:
+        """Give a store from before content hashes the column (its old images keep NULL)."""
+        if not self._has_hash:
+            self._con.execute("ALTER TABLE images ADD COLUMN content_sha256 TEXT")
+            self._con.execute(_HASH_INDEX)
+            self._has_hash = True
 
     # ---------------------------------------------------------------- meta
     def set_meta(self, values: dict[str, Any]) -> None:
@@ -197,6 +227,7 @@ class SegmentStore:
         """
         records = list(records)
         with self._lock:
+            self._add_hash_column()
             self._con.execute("BEGIN IMMEDIATE")
             try:
                 next_id = self._con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM segments") \
@@ -204,9 +235,10 @@ class SegmentStore:
                 first = next_id
                 for rec in records:
                     cur = self._con.execute(
-                        "INSERT INTO images(path, rel, width, height, num_segments) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (rec.path, rec.rel, int(rec.width), int(rec.height), rec.num_segments))
+                        "INSERT INTO images(path, rel, width, height, num_segments, content_sha256) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (rec.path, rec.rel, int(rec.width), int(rec.height), rec.num_segments,
+                         rec.content_sha256))
                     image_id = cur.lastrowid
                     vecs = np.ascontiguousarray(rec.vectors, dtype="<f4")
                     rows = [(next_id + s, image_id, s, *(int(v) for v in rec.boxes[s]),
@@ -241,6 +273,24 @@ class SegmentStore:
         with self._lock:
             return {r[0] for r in self._con.execute("SELECT path FROM images")}
 
+    def images_with_hash(self, sha256: str) -> dict[int, int]:
+        """{image id: number of segments} of the indexed images whose content hash is ``sha256``."""
+        if not self._has_hash:
+            return {}
+        with self._lock:
+            rows = self._con.execute("SELECT id, num_segments FROM images WHERE content_sha256 = ?",
+                                     (sha256,)).fetchall()
+        return {int(i): int(n) for i, n in rows}
+
+    def images_without_hash(self) -> int:
+        """Number of images indexed before content hashes were stored (their copies cannot be
+        recognised)."""
+        with self._lock:
+            if not self._has_hash:
+                return int(self._con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+            return int(self._con.execute("SELECT COUNT(*) FROM images "
+                                         "WHERE content_sha256 IS NULL").fetchone()[0])
+
     def vectors(self, start: int = 0, stop: int | None = None, dim: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
         """(ids [N] int64, vectors [N, D] float32) of the segments with ``start <= id < stop``."""
@@ -264,12 +314,12 @@ class SegmentStore:
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 q = ("SELECT s.id, i.path, i.rel, s.segment_index, s.x, s.y, s.w, s.h, s.area, "
-                     "s.class_id, s.mask_rle, i.width, i.height FROM segments s "
+                     "s.class_id, s.mask_rle, i.width, i.height, i.id FROM segments s "
                      "JOIN images i ON i.id = s.image_id WHERE s.id IN "
                      f"({','.join('?' * len(chunk))})")
                 for r in self._con.execute(q, chunk):
                     found[r[0]] = SegmentRow(r[0], r[1], r[2], r[3], (r[4], r[5], r[6], r[7]),
-                                             r[8], r[9], bytes(r[10]), (r[11], r[12]))
+                                             r[8], r[9], bytes(r[10]), (r[11], r[12]), r[13])
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"the FAISS index returned ids {missing[:5]} that the store does not "

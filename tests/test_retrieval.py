@@ -198,7 +198,7 @@ def test_index_keeps_its_flip_setting(run, scenes, tmp_path):
         flipped = R.segment_images(r.backend, r.manifest.preprocess, [read_image(img_path)],
                                    r.grid, r.iters, len(r.classes), flip=True)[0]
     res = CliRunner().invoke(cli, ["query", str(tmp_path / "idx"), str(img_path), "--point",
-                                   f"{x},{y}", "-k", "1", "--json"])
+                                   f"{x},{y}", "-k", "1", "--json", "--include-self"])
     assert res.exit_code == 0, res.output
     assert res.output.count('"score"') == 1
     top = json.loads(res.output)["hits"][0]
@@ -208,14 +208,14 @@ def test_index_keeps_its_flip_setting(run, scenes, tmp_path):
         assert r.search(q, 1)[0].score < 0.9999, "a flip-averaged query is another vector"
         r.store.set_meta({"flip": True})                 # the query follows the stored setting
     with R.Retriever(tmp_path / "idx") as r:
-        hits, _ = r.query(img_path, point=(x, y), k=1)
+        hits, _ = r.query(img_path, point=(x, y), k=1, exclude_self=False)
         assert r.flip is True and hits[0].score == pytest.approx(r.search(q, 1)[0].score)
     con = sqlite3.connect(tmp_path / "idx" / "segments.sqlite")
     con.execute("DELETE FROM meta WHERE key = 'flip'")    # an index from before the option
     con.commit()
     con.close()
     with R.Retriever(tmp_path / "idx") as r:
-        hits, _ = r.query(img_path, point=(x, y), k=1)
+        hits, _ = r.query(img_path, point=(x, y), k=1, exclude_self=False)
         assert r.flip is False and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
@@ -379,8 +379,8 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
         x, y, w, h = seg.boxes[s]
         full = seg.segment_map()
         py, px = np.argwhere(full == s)[0]
-        hits, desc = r.query(img_path, point=f"{px},{py}", k=5)
-        assert desc["segment"] == s
+        hits, desc = r.query(img_path, point=f"{px},{py}", k=5, exclude_self=False)
+        assert desc["segment"] == s and desc["in_index"] is True and desc["excluded_images"] == 0
         # the same segment of the same image is stored: it comes first with cosine 1
         assert Path(hits[0].image).name == img_path.name and hits[0].score == pytest.approx(1, abs=1e-5)
         assert hits[0].box == tuple(int(v) for v in seg.boxes[s])
@@ -408,14 +408,15 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
         # mask file (white on black) through the query API
         from PIL import Image
         Image.fromarray((full == s).astype(np.uint8) * 255).save(tmp_path / "m.png")
-        hm, _ = r.query(image, mask=tmp_path / "m.png", k=3)
+        hm, _ = r.query(image, mask=tmp_path / "m.png", k=3, exclude_self=False)
         assert hm[0].segment_id == hits[0].segment_id
 
         # class filter: the filtered exact ranking
         ids, vecs = r.store.vectors()
         cls = np.array([row.class_id for row in r.store.segments(ids)])
         target = int(np.bincount(cls).argmax())
-        hc, _ = r.query(image, point=(px, py), k=7, class_name=r.classes[target])
+        hc, _ = r.query(image, point=(px, py), k=7, class_name=r.classes[target],
+                        exclude_self=False)
         assert len(hc) == 7 and all(h.class_id == target for h in hc)
         sims = vecs[cls == target] @ seg.vectors[s]
         ref = np.sort(sims)[::-1][:7]
@@ -625,3 +626,149 @@ def test_trained_model_retrieval_precision(tmp_path):
           f"{width}, {n_train} scenes, {iters} iterations, at {max_side} px): "
           f"precision@10 {p10:.3f} over {n} queries, {time.perf_counter() - t0:.0f} s")
     assert p10 >= 0.8, f"precision@10 {p10:.3f} over {n} queries"
+
+
+# ------------------------------------------------------------------------------------------
+# per-cell geometry (no per-pixel maps), whole-pixel coordinates
+
+
+@pytest.mark.parametrize("orig,resized", [((37, 50), (64, 86)),      # upscaled: empty cells
+                                          ((300, 170), (64, 36)),     # downscaled
+                                          ((64, 64), (64, 64))])
+def test_segment_geometry_equals_the_full_size_map(orig, resized):
+    """Boxes, areas and masks computed from the cells equal those read off the full-size map
+    (the oracle: ``local[row_cell][:, col_cell]``), also when some cells hold no original
+    pixel (upscaled images) and some segments cover none."""
+    rng = np.random.default_rng(sum(orig))
+    (H, W), (rh, rw) = orig, resized
+    hv, wv = -(-rh // 4), -(-rw // 4)
+    n = 7
+    local = rng.integers(0, n + 1, (hv, wv)).astype(np.int32)      # n = no segment
+    local[:, :3] = rng.integers(0, 3, (hv, 1))                       # some larger segments
+    row_cell, col_cell = R.pixel_to_cell(H, rh, hv), R.pixel_to_cell(W, rw, wv)
+    keep, boxes, areas, masks = R.segment_geometry(local, n, row_cell, col_cell)
+    full = local[row_cell[:, None], col_cell[None, :]]
+    want = [s for s in range(n) if (full == s).any()]
+    assert keep.tolist() == want
+    for j, s in enumerate(keep):
+        ys, xs = np.nonzero(full == s)
+        assert areas[j] == ys.size
+        x0, y0 = xs.min(), ys.min()
+        assert boxes[j].tolist() == [x0, y0, xs.max() - x0 + 1, ys.max() - y0 + 1]
+        w, h = boxes[j][2], boxes[j][3]
+        assert np.array_equal(rle_decode(masks[j], (h, w)), (full == s)[y0:y0 + h, x0:x0 + w])
+    # mask query weights: pixels of a mask per cell, against a per-pixel bincount
+    mask = rng.random((H, W)) < 0.3
+    ys, xs = np.nonzero(mask)
+    ref = np.bincount(row_cell[ys] * wv + col_cell[xs], minlength=hv * wv).reshape(hv, wv)
+    assert np.array_equal(R._cell_counts(mask, row_cell, col_cell, hv, wv), ref)
+
+
+def test_coordinates_are_whole_pixels():
+    assert R.parse_coords("12, 7", 2, "point") == (12, 7)
+    assert R.parse_coords("12.0,7", 2, "point") == (12, 7)          # integral: accepted
+    assert R.parse_coords((1, 2, 3, 4), 4, "box") == (1, 2, 3, 4)
+    for value, msg in [("1.5,2.5", "whole pixels"), ("1,2,3", "2 finite"), ("a,b", "2 numbers"),
+                       ("nan,1", "finite")]:
+        with pytest.raises(R.QueryError, match=msg) as err:
+            R.parse_coords(value, 2, "point")
+        assert "point" in err.value.message
+    with pytest.raises(R.QueryError, match="whole pixels") as err:
+        R.parse_coords("0,0,10.5,4", 4, "box")
+    assert "box 0,0,10,4" in err.value.fix
+
+
+# ------------------------------------------------------------------------------------------
+# the query image itself, relative names
+
+
+def test_query_image_in_the_index_is_left_out(index6, scenes, tmp_path):
+    """The indexed copy of the query image (recognised by its pixels, also under another
+    path and re-encoded) is left out by default; the hits are then the exact top-k of the
+    other images' segments. --include-self / exclude_self=False keeps it (cosine 1 first)."""
+    from PIL import Image
+
+    src = sorted((scenes / "images").glob("train_*.png"))[2]          # indexed
+    copy = tmp_path / "elsewhere.png"
+    Image.open(src).save(copy, compress_level=9)                        # other bytes, same pixels
+    assert copy.read_bytes() != src.read_bytes()
+    with R.Retriever(index6) as r:
+        seg = r.segment(read_image(copy))
+        s = int(np.argmax(seg.areas))
+        py, px = np.argwhere(seg.segment_map() == s)[0]
+        hits, desc = r.query(copy, point=(px, py), k=8)
+        assert desc["in_index"] is True and desc["excluded_images"] == 1
+        assert all(h.image_rel != src.name for h in hits) and len(hits) == 8
+        ids, vecs = r.store.vectors()
+        rows = r.store.segments(ids)
+        other = np.array([row.image_rel != src.name for row in rows])
+        ref_scores, ref_ids = _exact_topk(vecs[other], seg.vectors[s][None], 8)
+        assert [h.segment_id for h in hits] == ids[other][ref_ids[0]].tolist()
+        with_self, desc2 = r.query(copy, point=(px, py), k=8, exclude_self=False)
+        assert desc2["in_index"] is True and desc2["excluded_images"] == 0
+        assert with_self[0].image_rel == src.name
+        assert with_self[0].score == pytest.approx(1.0, abs=1e-5)
+        # an image that is not in the index: nothing left out
+        _, desc3 = r.query(scenes / "images" / "val_00000.png", point=(1, 1), k=3)
+        assert desc3["in_index"] is False and desc3["excluded_images"] == 0
+        # the class filter and the exclusion together
+        hc, _ = r.query(copy, point=(px, py), k=3, class_name=r.classes[hits[0].class_id])
+        assert hc and all(h.image_rel != src.name and h.class_id == hits[0].class_id for h in hc)
+
+
+def test_index_from_before_content_hashes_still_works(index6, scenes, tmp_path):
+    """An index whose images table has no hash column (written before it existed) opens and
+    answers queries (in_index: None = cannot tell); 'index add' adds the column and hashes the
+    new images, which are then recognised."""
+    idx = tmp_path / "old"
+    shutil.copytree(index6, idx)
+    con = sqlite3.connect(idx / "segments.sqlite")
+    con.execute("DROP INDEX images_hash")
+    con.execute("ALTER TABLE images DROP COLUMN content_sha256")
+    con.execute("DELETE FROM meta WHERE key = 'images_root'")
+    con.commit()
+    con.close()
+    indexed = sorted((scenes / "images").glob("train_*.png"))[0]
+    with R.Retriever(idx) as r:
+        hits, desc = r.query(indexed, point=(5, 5), k=3)
+        assert desc["in_index"] is None and desc["excluded_images"] == 0 and len(hits) == 3
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(scenes / "images" / "train_00010.png", new / "n.png")
+    rep = R.add_to_index(idx, new, progress=False)
+    assert rep.added_images == 1
+    with R.Retriever(idx) as r:
+        _, desc = r.query(new / "n.png", point=(5, 5), k=3)
+        assert desc["in_index"] is True and desc["excluded_images"] == 1
+        _, desc = r.query(indexed, point=(5, 5), k=3)
+        assert desc["in_index"] is None          # old images still have no hash
+        rels = {row.image_rel for row in r.store.segments(r.store.vectors()[0])}
+    assert "n.png" in rels                       # no images_root: named relative to IMAGES
+
+
+def test_images_are_named_relative_to_the_build_folder(run, scenes, tmp_path):
+    """Hits name images relative to the folder given to 'index build' (stored as meta
+    images_root); 'index add' of a subfolder keeps names relative to that root, images from
+    elsewhere are named relative to the folder given to 'add'. to_dict() never holds the
+    absolute path unless asked (local_paths=True)."""
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    shutil.copy(scenes / "images" / "train_00000.png", root / "a" / "x.png")
+    R.build_index(run, root, tmp_path / "idx", progress=False)
+    shutil.copy(scenes / "images" / "train_00001.png", root / "b" / "y.png")
+    R.add_to_index(tmp_path / "idx", root / "b", progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(scenes / "images" / "train_00002.png", other / "z.png")
+    R.add_to_index(tmp_path / "idx", other, progress=False)
+    with R.Retriever(tmp_path / "idx") as r:
+        assert r.meta["images_root"] == str(root.resolve())
+        hits, _ = r.query(scenes / "images" / "val_00000.png", point=(3, 3), k=len(r))
+    by_rel = {h.image_rel: h for h in hits}
+    assert set(by_rel) == {"a/x.png", "b/y.png", "z.png"}
+    assert by_rel["a/x.png"].image == str((root / "a" / "x.png").resolve())
+    d = by_rel["b/y.png"].to_dict()
+    assert d["image"] == "b/y.png" and "path" not in d and str(tmp_path) not in json.dumps(d)
+    assert by_rel["b/y.png"].to_dict(local_paths=True)["path"] == str((root / "b" / "y.png").resolve())
+    assert len({h.image_id for h in hits}) == 3
