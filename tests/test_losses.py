@@ -14,7 +14,8 @@ from conftest import GOLDEN_DIR, load_golden
 from spml_deploy.errors import ConfigError
 from spml_deploy.training import losses as losses_module
 from spml_deploy.training.affinity import propagate_labels
-from spml_deploy.training.losses import (_unique_rows, contrastive_nll, grouped_contrastive_nll,
+from spml_deploy.training.losses import (FUSED_CPU_CHUNK_ELEMENTS, FusedPlan, _unique_rows,
+                                         contrastive_nll, grouped_contrastive_nll,
                                          segsort_plus_loss, set_segsort_loss)
 
 SEGSORT_CASES = ["segsort_plus_allpos_k6", "segsort_plus_mixed_k8", "segsort_plus_mixed_k12",
@@ -32,6 +33,26 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Execution plans of the fused primitive, all checked against the same references: the CPU's
+#: default, the row-max shift with index_add and gathered coefficients (the CPU's plan before
+#: the bound shift and group ranges), and CUDA's (large chunks, one-hot matmul group sums,
+#: bound shift, group ranges) run on the CPU.
+PLANS = {
+    "default": None,
+    "rowmax": FusedPlan(FUSED_CPU_CHUNK_ELEMENTS),
+    "cuda": FusedPlan(1 << 28, group_matmul=True, bound_shift=True, group_ranges=True),
+}
+
+
+@pytest.fixture(params=list(PLANS))
+def plan(request, monkeypatch):
+    """Runs a test under each fused plan (``fused_plan`` returns it whatever the device)."""
+    chosen = PLANS[request.param]
+    if chosen is not None:
+        monkeypatch.setattr(losses_module, "fused_plan", lambda device, g, b: chosen)
+    return request.param
 
 
 def _run_case(name: str, dtype: torch.dtype, subtractive: bool = False,
@@ -71,12 +92,12 @@ def _assert_golden(compare, name: str, outputs: dict[str, np.ndarray], rtol: flo
 
 
 @pytest.mark.parametrize("name", SEGSORT_CASES + SET_CASES)
-def test_golden_float64(name, golden_compare):
+def test_golden_float64(name, golden_compare, plan):
     _assert_golden(golden_compare, name, _run_case(name, torch.float64), rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", SEGSORT_CASES + SET_CASES)
-def test_golden_float32_log_domain(name, golden_compare):
+def test_golden_float32_log_domain(name, golden_compare, plan):
     _assert_golden(golden_compare, name, _run_case(name, torch.float32), rtol=1e-5)
 
 
@@ -91,7 +112,7 @@ def test_golden_subtractive_float64_is_bit_close(name, golden_compare):
         assert err < 1e-12, (name, key, err)
 
 
-def test_golden_chunked(golden_compare):
+def test_golden_chunked(golden_compare, plan):
     name = "segsort_plus_memory_k6"
     _assert_golden(golden_compare, name, _run_case(name, torch.float64, chunk_size=150), rtol=1e-8)
     name = "setsegsort_images_k8"
@@ -396,7 +417,7 @@ def _random_set_mixed(seed: int, n: int = 40, zero_segment: bool = True):
 @pytest.mark.parametrize("seed,zero_segment", [(0, True), (1, False), (2, True)])
 @pytest.mark.parametrize("empty", ["skip", "double_count"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_fused_set_matches_generic(seed, zero_segment, empty, reduction):
+def test_fused_set_matches_generic(seed, zero_segment, empty, reduction, plan):
     emb, tags, own, protos, proto_tags = _random_set_mixed(seed, zero_segment=zero_segment)
     results = {}
     for impl, chunk in (("generic", None), ("fused", None), ("fused", 7)):
@@ -416,7 +437,7 @@ def test_fused_set_matches_generic(seed, zero_segment, empty, reduction):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_fused_single_label_matches_generic(seed, reduction):
+def test_fused_single_label_matches_generic(seed, reduction, plan):
     emb, labels, own, protos, proto_labels = _random_single(seed)
     labels = labels.clone()
     labels[3] = 7            # a label no segment has: no positive, own segment is a negative
@@ -430,7 +451,7 @@ def test_fused_single_label_matches_generic(seed, reduction):
     _assert_same(out["fused"], out["generic"])
 
 
-def test_fused_float32_close_to_float64_generic():
+def test_fused_float32_close_to_float64_generic(plan):
     emb, tags, own, protos, proto_tags = _random_set_mixed(4)
     ref = _values_and_grads(lambda e, p, r: set_segsort_loss(e, tags, own, p, proto_tags, 16.0,
                                                               reduction=r, impl="generic"),
@@ -469,13 +490,13 @@ def _grouped_problem(seed: int, b: int = 3, n: int = 17, p: int = 9, g: int = 4)
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("group_matmul", [False, True])
-def test_grouped_primitive_matches_expanded_masks(seed, weighted, group_matmul, monkeypatch):
-    """grouped_contrastive_nll == contrastive_nll on the expanded masks (B > 1, excluded
-    groups, rows without negatives), values and gradients, both group-sum strategies
-    (``index_add_``, used on the CPU, and the one-hot matmul used on other devices)."""
-    monkeypatch.setattr(losses_module, "group_sums_by_matmul", lambda device, g: group_matmul)
-    feat, protos, group, pos, neg, own = _grouped_problem(seed)
+@pytest.mark.parametrize("b", [3, 1])
+def test_grouped_primitive_matches_expanded_masks(seed, weighted, b, plan):
+    """grouped_contrastive_nll == contrastive_nll on the expanded masks (B > 1 and one shared
+    pool, excluded groups, rows without negatives), values and gradients, under every plan
+    (group sums by ``index_add_`` or a one-hot matmul, row-max or bound shift, coefficients
+    gathered or applied per group range)."""
+    feat, protos, group, pos, neg, own = _grouped_problem(seed, b=b)
     b, n, _ = feat.shape
     p = protos.shape[1]
     w = torch.rand(b, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -544,6 +565,40 @@ def test_unique_rows_packs_and_falls_back():
         uniq, inv = _unique_rows(rows)
         assert torch.equal(uniq[inv], rows)
         assert uniq.shape[0] == torch.unique(rows, dim=0).shape[0]
+
+
+def test_fused_plans_by_device_and_the_bound_shift_fallback(monkeypatch):
+    """CUDA plans: large chunks bounded by the free memory, matmul group sums, bound shift and
+    group ranges; a kappa whose bound would underflow exponentials falls back to the row max."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (120 << 30, 140 << 30))
+    plan = losses_module.fused_plan(cuda, 20, 1)
+    assert plan == FusedPlan(losses_module.FUSED_CUDA_CHUNK_ELEMENTS, True, True, True)
+    assert not losses_module.fused_plan(cuda, 20, 8).group_ranges       # B > 1: no ranges
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 30, 140 << 30))
+    assert losses_module.fused_plan(cuda, 20, 1).chunk_elements == 1 << 25  # a quarter, 2 x fp32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 28, 140 << 30))
+    assert losses_module.fused_plan(cuda, 20, 1).chunk_elements == losses_module.MAX_CHUNK_ELEMENTS
+    cpu = losses_module.fused_plan(torch.device("cpu"), 20, 1)
+    assert cpu.chunk_elements == FUSED_CPU_CHUNK_ELEMENTS and not cpu.group_matmul
+    # kappa 50 on unit vectors: the bound (50) exceeds BOUND_SHIFT_MAX, the row max is used
+    monkeypatch.setattr(losses_module, "fused_plan", lambda device, g, b: PLANS["cuda"])
+    seen = []
+    real = losses_module._Problem.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.bound is not None)
+
+    monkeypatch.setattr(losses_module._Problem, "__init__", spy)
+    emb, tags, own, protos, proto_tags = _random_set_mixed(6)
+    for kappa in (12.0, 50.0):
+        out = {impl: _values_and_grads(
+            lambda e, p, r, impl=impl: set_segsort_loss(e, tags, own, p, proto_tags, kappa,
+                                                        reduction=r, impl=impl), emb, protos,
+            "mean") for impl in ("generic", "fused")}
+        _assert_same(out["fused"], out["generic"])
+    assert seen == [True, False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

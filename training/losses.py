@@ -42,7 +42,9 @@ pixels at once.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -66,6 +68,8 @@ __all__ = [
     "contrastive_nll",
     "grouped_contrastive_nll",
     "fused_chunk_rows",
+    "fused_plan",
+    "FusedPlan",
     "reduction_weights",
     "group_counts",
     "segsort_plus_loss",
@@ -220,6 +224,67 @@ FUSED_CPU_CHUNK_ELEMENTS = 1 << 20
 #: matrix (deterministic); otherwise (and on the CPU, where it is faster) ``index_add_``.
 GROUP_MATMUL_MAX = 256
 
+#: On CUDA a chunk holds up to this many pixel x segment entries (2^28: 1 GiB per float32 work
+#: buffer, two buffers), bounded by :data:`FUSED_CUDA_MEMORY_FRACTION` of the free memory. The
+#: co-occurrence term at crop 512 (131k pixels x 15.5k prototypes, 2e9 entries) is then ~8
+#: chunks instead of ~120 of ``MAX_CHUNK_ELEMENTS``: the work is memory-bound elementwise
+#: passes over the chunk plus matmuls, and each chunk costs ~20 kernel launches.
+FUSED_CUDA_CHUNK_ELEMENTS = 1 << 28
+FUSED_CUDA_MEMORY_FRACTION = 0.25
+
+#: With one shared pool (B = 1) and up to this many groups, the gradient coefficients are
+#: applied to the contiguous row range of each group (segments sorted by group) in place,
+#: instead of gathering them into a second [P, c] buffer first (one fewer pass over the chunk).
+GROUP_RANGES_MAX = 64
+
+#: The bound shift (see :class:`FusedPlan`) is used while the largest possible logit
+#: ``kappa * max|f| * max|m|`` stays below this: shifted exponentials are then >= exp(-80),
+#: far from float32's subnormal range (exp(-87)), so no term loses precision.
+BOUND_SHIFT_MAX = 40.0
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """How the fused primitive runs on a device (same values, up to float rounding).
+
+    ``chunk_elements``: pixel x segment entries per chunk. ``group_matmul``: group sums by a
+    one-hot matmul (else ``index_add_``; only up to ``GROUP_MATMUL_MAX`` groups).
+    ``bound_shift``: shift each pixel's logits by the Cauchy-Schwarz bound
+    ``kappa |f_i| max_s |m_s|`` (folded into the logit matmul as an extra column) instead of
+    the row maximum, which saves two passes over the chunk (the maximum and the subtraction);
+    the losses and gradients do not depend on the shift. ``group_ranges``: apply the gradient
+    coefficients per contiguous group range (see ``GROUP_RANGES_MAX``; B = 1 only).
+    """
+
+    chunk_elements: int
+    group_matmul: bool = False
+    bound_shift: bool = False
+    group_ranges: bool = False
+
+
+def cuda_chunk_elements(device: torch.device) -> int:
+    """Entries per chunk of the fused path on a CUDA device: ``FUSED_CUDA_CHUNK_ELEMENTS``,
+    bounded by ``FUSED_CUDA_MEMORY_FRACTION`` of its free memory (two float32 buffers), and at
+    least ``MAX_CHUNK_ELEMENTS``."""
+    free, _ = torch.cuda.mem_get_info(device)
+    fit = int(free * FUSED_CUDA_MEMORY_FRACTION) // (2 * 4)
+    return max(MAX_CHUNK_ELEMENTS, min(FUSED_CUDA_CHUNK_ELEMENTS, fit))
+
+
+def fused_plan(device: torch.device, num_groups: int, batch: int) -> FusedPlan:
+    """The :class:`FusedPlan` for ``batch`` problems with ``num_groups`` groups on ``device``:
+    on the CPU chunks of ``FUSED_CPU_CHUNK_ELEMENTS`` (cache-sized) and ``index_add_``; on CUDA
+    large chunks (:func:`cuda_chunk_elements`), one-hot matmul group sums, the bound shift and
+    group ranges; elsewhere ``MAX_CHUNK_ELEMENTS`` and the one-hot matmul."""
+    if device.type == "cpu":
+        return FusedPlan(FUSED_CPU_CHUNK_ELEMENTS, bound_shift=True,
+                         group_ranges=batch == 1 and num_groups <= GROUP_RANGES_MAX)
+    matmul = num_groups <= GROUP_MATMUL_MAX
+    if device.type == "cuda":
+        return FusedPlan(cuda_chunk_elements(device), matmul, True,
+                         batch == 1 and num_groups <= GROUP_RANGES_MAX)
+    return FusedPlan(MAX_CHUNK_ELEMENTS, matmul)
+
 
 def group_sums_by_matmul(device: torch.device, num_groups: int) -> bool:
     """Whether the fused path sums per group with a one-hot matmul (else ``index_add_``)."""
@@ -227,11 +292,12 @@ def group_sums_by_matmul(device: torch.device, num_groups: int) -> bool:
 
 
 def fused_chunk_rows(num_rows: int, num_cols: int, chunk_size: int | None,
-                     device: torch.device) -> int:
-    """Pixels per chunk of the fused path (``chunk_size`` if given)."""
-    if chunk_size is not None or device.type != "cpu":
+                     device: torch.device, plan: FusedPlan | None = None) -> int:
+    """Pixels per chunk of the fused path (``chunk_size`` if given, else from the plan)."""
+    if chunk_size is not None:
         return chunk_rows(num_rows, num_cols, chunk_size)
-    return max(1, min(num_rows, FUSED_CPU_CHUNK_ELEMENTS // max(1, num_cols)))
+    elements = (plan or fused_plan(device, 1, 1)).chunk_elements
+    return max(1, min(num_rows, elements // max(1, num_cols)))
 
 
 class _Problem:
@@ -243,7 +309,8 @@ class _Problem:
     """
 
     def __init__(self, feat: Tensor, protos: Tensor, seg_group: Tensor, counts: Tensor,
-                 pos: Tensor, neg: Tensor, own: Tensor, kappa: float, step: int):
+                 pos: Tensor, neg: Tensor, own: Tensor, kappa: float, step: int,
+                 plan: FusedPlan, ranges: tuple[tuple[int, int, int], ...] | None = None):
         b, n, _ = feat.shape
         p, g = protos.shape[1], pos.shape[2]
         self.b, self.n, self.p, self.g, self.step, self.kappa = b, n, p, g, step, kappa
@@ -253,8 +320,15 @@ class _Problem:
         # row of each segment in the flattened [B * G] group axis
         self.flat_group = (seg_group + g * torch.arange(b, device=device).unsqueeze(1)).view(-1)
         self.onehot_t = None                                                 # [B, G, P]
-        if group_sums_by_matmul(device, g):
+        if plan.group_matmul and g <= GROUP_MATMUL_MAX:
             self.onehot_t = torch.nn.functional.one_hot(seg_group, g).to(dtype).transpose(1, 2)
+        self.ranges = ranges               # (group, first row, end row): segments sorted by group
+        self.protos_aug: Tensor | None = None
+        self.bound: Tensor | None = None                                     # [B, n] shifts
+        if plan.bound_shift:
+            bound = kappa * feat.norm(dim=2) * protos.norm(dim=2).amax(1, keepdim=True)
+            if float(bound.max()) <= BOUND_SHIFT_MAX:                        # one host sync
+                self.bound = bound
         counts = counts.unsqueeze(1)                                         # [B, 1, G]
         own_g = seg_group.gather(1, own).unsqueeze(2)                        # [B, n, 1]
         self.own_neg = neg.gather(2, own_g).squeeze(2)
@@ -268,13 +342,12 @@ class _Problem:
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self.flat_e: Tensor | None = None                                    # reused buffers
         self.flat_w: Tensor | None = None
-        self.protos_aug: Tensor | None = None
 
     def buffers(self, sl: slice) -> tuple[Tensor, Tensor]:
         """Two [B, P, c] work buffers for a chunk (views of flat buffers allocated once)."""
         if self.flat_e is None:
             self.flat_e = self.feat.new_empty(self.b * min(self.step, self.n) * self.p)
-            self.flat_w = torch.empty_like(self.flat_e)
+            self.flat_w = self.flat_e if self.ranges is not None else torch.empty_like(self.flat_e)
         c = sl.stop - sl.start
         size = self.b * self.p * c
         return (self.flat_e[:size].view(self.b, self.p, c),
@@ -289,10 +362,14 @@ class _Problem:
         [B, c], coefficients [B, G, c] of the non-own entries, the own coefficient times
         ``E_own`` [B, c], and the exponentials [B, P, c] (own entry zeroed)."""
         o = self.own[:, sl].unsqueeze(1)                                     # [B, 1, c]
-        e, _ = self.buffers(sl)
-        torch.bmm(self.protos, self.kf_t[:, :, sl], out=e)                   # kappa m.f
-        shift = e.amax(dim=1)                                                # row maximum
-        e.sub_(shift.unsqueeze(1))
+        if self.bound is not None:                   # kappa m.f - bound in one matmul, <= 0
+            shift = self.bound[:, sl]
+            e = self.recompute(sl, shift, exp=False)
+        else:
+            e, _ = self.buffers(sl)
+            torch.bmm(self.protos, self.kf_t[:, :, sl], out=e)               # kappa m.f
+            shift = e.amax(dim=1)                                            # row maximum
+            e.sub_(shift.unsqueeze(1))
         z_own = e.gather(1, o).squeeze(1)                                    # shifted own logit
         e.exp_()
         e_own = e.gather(1, o).squeeze(1)
@@ -324,24 +401,30 @@ class _Problem:
         log_num = torch.where(self.has_other, logs[1], z_own)
         return torch.where(self.has_neg, logs[0] - log_num, self.zero)
 
-    def recompute(self, sl: slice, shift: Tensor) -> Tensor:
-        """The exponentials of a chunk again, the saved shift folded into the matmul."""
+    def recompute(self, sl: slice, shift: Tensor, exp: bool = True) -> Tensor:
+        """The exponentials of a chunk again (``exp=False``: the shifted logits), the shift
+        [B, c] folded into the matmul."""
         e, _ = self.buffers(sl)
         if self.protos_aug is None:
             self.protos_aug = torch.cat([self.protos, self.protos.new_ones(self.b, self.p, 1)], 2)
         kf_aug_t = torch.cat([self.kf_t[:, :, sl], -shift.unsqueeze(1)], 1)  # [m, 1].[kf; -shift]
-        return torch.bmm(self.protos_aug, kf_aug_t, out=e).exp_()
+        torch.bmm(self.protos_aug, kf_aug_t, out=e)
+        return e.exp_() if exp else e
 
     def gradient_chunk(self, sl: slice, e: Tensor, coef: Tensor, own_coef: Tensor,
                        grad_m: Tensor | None, need_f: bool) -> Tensor | None:
         """``W = e * coef[group]`` with the own entry set, then ``grad_m += W @ F`` and
         ``W^T @ M`` (returned if ``need_f``, [B, c, D]); the coefficients already hold kappa and
         the output gradients."""
-        _, w = self.buffers(sl)
         c = e.shape[2]
-        torch.index_select(coef.reshape(self.b * self.g, c), 0, self.flat_group,
-                           out=w.view(self.b * self.p, c))
-        e.mul_(w)
+        if self.ranges is not None:                  # segments sorted by group, B = 1
+            for g, lo, hi in self.ranges:
+                e[:, lo:hi].mul_(coef[:, g:g + 1])
+        else:
+            _, w = self.buffers(sl)
+            torch.index_select(coef.reshape(self.b * self.g, c), 0, self.flat_group,
+                               out=w.view(self.b * self.p, c))
+            e.mul_(w)
         e.scatter_(1, self.own[:, sl].unsqueeze(1), own_coef.unsqueeze(1))
         if grad_m is not None:
             grad_m.baddbmm_(e, self.feat[:, sl])
@@ -360,8 +443,9 @@ class _GroupedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat: Tensor, protos: Tensor, seg_group: Tensor, counts: Tensor, pos: Tensor,
                 neg: Tensor, own: Tensor, weights: Tensor | None, kappa: float, step: int,
-                need_grad: bool) -> Tensor:
-        prob = _Problem(feat, protos, seg_group, counts, pos, neg, own, kappa, step)
+                need_grad: bool, plan: FusedPlan,
+                ranges: tuple[tuple[int, int, int], ...] | None) -> Tensor:
+        prob = _Problem(feat, protos, seg_group, counts, pos, neg, own, kappa, step, plan, ranges)
         sums: list[tuple[Tensor, Tensor, Tensor]] = []
         shifts, coefs, own_coefs, grad_f = [], [], [], []
         eager = need_grad and weights is not None
@@ -395,7 +479,7 @@ class _GroupedNLL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         need_f, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None,) * 9
+        none = (None,) * 11
         if ctx.weighted:
             grad_f, grad_m = ctx.saved_tensors
             return ((grad_out * grad_f if need_f else None),
@@ -426,6 +510,7 @@ def grouped_contrastive_nll(
     *,
     weights: Tensor | None = None,
     chunk_size: int | None = None,
+    plan: FusedPlan | None = None,
 ) -> Tensor:
     """Segsort+ losses (spec 4) when the pool splits into groups of segments.
 
@@ -443,9 +528,10 @@ def grouped_contrastive_nll(
     (when autograd needs it), so the exponentials are computed once. Gradients come from a closed
     form: no autograd graph over [n, P] matrices and nothing of that size is saved. Pixels
     without a negative (or of weight 0) in all of the B problems are dropped first (one host
-    sync); the others are processed in chunks of ``chunk_size`` pixels (default:
-    ``FUSED_CPU_CHUNK_ELEMENTS`` entries on the CPU, ``MAX_CHUNK_ELEMENTS`` elsewhere). Not twice
-    differentiable.
+    sync); the others are processed in chunks of ``chunk_size`` pixels (default: the chunk size
+    of the device's :class:`FusedPlan`, :func:`fused_plan`: ``FUSED_CPU_CHUNK_ELEMENTS`` entries
+    on the CPU, up to ``FUSED_CUDA_CHUNK_ELEMENTS`` on CUDA). ``plan``: another plan (tests run
+    the CUDA plan on the CPU). Not twice differentiable.
     """
     b, n, d = feat.shape
     p = protos.shape[1]
@@ -480,10 +566,23 @@ def grouped_contrastive_nll(
     if k < n:
         sub_feat, pos, neg, own = feat[:, keep], pos[:, keep], neg[:, keep], own[:, keep]
         weights = None if weights is None else weights[:, keep]
-    step = fused_chunk_rows(k, b * p, chunk_size, feat.device)
+    g = pos.shape[2]
+    plan = plan or fused_plan(feat.device, g, b)
+    step = fused_chunk_rows(k, b * p, chunk_size, feat.device, plan)
     need_grad = torch.is_grad_enabled() and (feat.requires_grad or protos.requires_grad)
+    ranges = None
+    if plan.group_ranges and b == 1 and g <= GROUP_RANGES_MAX:
+        # segments sorted by group (a differentiable gather of the prototypes; autograd takes
+        # their gradient back to the original order), own ids renumbered
+        order = torch.argsort(seg_group[0], stable=True)
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(p, device=order.device))
+        protos, seg_group, own = protos[:, order], seg_group[:, order], rank[own]
+        sizes = counts[0].tolist()                                           # one host sync
+        ends = list(itertools.accumulate(sizes))
+        ranges = tuple((gi, end - size, end) for gi, (end, size) in enumerate(zip(ends, sizes))
+                       if size > 0)
     out = _GroupedNLL.apply(sub_feat, protos, seg_group, counts, pos, neg, own, weights,
-                            float(kappa), step, need_grad)
+                            float(kappa), step, need_grad, plan, ranges)
     if weights is None and k < n:
         out = feat.new_zeros(b, n).index_copy(1, keep, out)
     return out
