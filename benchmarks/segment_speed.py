@@ -363,6 +363,7 @@ def main() -> None:
                     help="intra-op threads of torch and ONNX Runtime; a list (1,2) runs each")
     ap.add_argument("--precision", default="fp32", help="torch backend precision (CUDA: bf16...)")
     ap.add_argument("--channels-last", action="store_true", help="torch backend channels-last")
+    ap.add_argument("--compile", action="store_true", help="torch backend: torch.compile")
     ap.add_argument("--overlay", action="store_true", help="also write overlays (--overlay)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/segment_speed_cpu.md")
@@ -402,11 +403,14 @@ def main() -> None:
             for be in backends:
                 opts: dict[str, Any] = {}
                 if be == "torch":
-                    opts = {"precision": args.precision, "channels_last": args.channels_last}
+                    opts = {"precision": args.precision, "channels_last": args.channels_last,
+                            "compile": args.compile}
                 elif be == "onnxruntime":
                     opts = {"threads": threads}
                 name = (be if be != "torch" or args.precision == "fp32"
                         else f"torch {args.precision}")
+                if be == "torch" and args.compile:
+                    name += " compiled"
                 for clf, search in [(c, s) for c in args.classifiers.split(",")
                                     for s in (args.knn_search.split(",") if c == "knn" else ["auto"])]:
                     clf_name = clf if search == "auto" else f"{clf} ({search})"
