@@ -134,4 +134,4 @@ def test_cli_offline_exit_code_2(hub, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert "cannot download the ImageNet weights of resnet18" in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run").exists()      # refused before the run folder is written
