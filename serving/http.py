@@ -23,9 +23,10 @@ images come in the request, and hits name indexed images relative to the indexed
 Memory: at most ``max_concurrent`` requests read, decode and run the model at once (a
 semaphore); up to ``max_queue`` more wait with their upload parsed (Starlette keeps at most
 1 MiB of each in memory, the rest in a temporary file); beyond that a ``/v1/`` request gets 503
-with ``Retry-After`` before its body is read. :func:`request_memory_bytes` is what one
-worst-case request can take. Model work runs in worker threads (``run_in_threadpool``) behind
-one lock, so the event loop keeps serving (``/healthz`` answers while a segmentation runs).
+with ``Retry-After`` before its body is parsed (it is read and discarded).
+:func:`request_memory_bytes` is what one worst-case request can take. Model work runs in worker
+threads (``run_in_threadpool``) behind one lock, so the event loop keeps serving (``/healthz``
+answers while a segmentation runs).
 """
 
 import asyncio
@@ -55,9 +56,9 @@ DEFAULT_MAX_QUEUE = 8
 RETRY_AFTER_S = 1
 # Peak memory of one request per pixel of its image, measured with
 # ``benchmarks/http_load.py --memory`` (results in benchmarks/results/http_load.md): RGB or grey
-# uploads take 6-11 bytes per pixel (the decoder's buffer and the decoded RGB uint8 image; the
-# query's segments are computed per cell, not per pixel), RGBA ones 42 (imageio composites the
-# alpha in uint32), a mask query with an RGBA image and an RGBA mask 50.
+# uploads take 6-10 bytes per pixel (the decoder's buffer and the decoded RGB uint8 image; the
+# query's segments are computed per cell, not per pixel), RGBA ones 44 (imageio composites the
+# alpha in uint32), a mask query with an RGBA image and an RGBA mask 47-50.
 WORST_BYTES_PER_PIXEL = 50
 
 

@@ -665,7 +665,7 @@ def _finite(ctx, param, value):
 @click.option("--max-k", default=100, show_default=True, type=click.IntRange(min=1),
               help="Largest k for /v1/query.")
 @click.option("--max-concurrent", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Requests decoded and run at once (each may take the memory below).")
+              help="Requests decoded and run at once (each may take the memory stated above).")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
               help="Requests waiting for a slot (about 1 MiB of memory each, the rest of the "
                    "upload in a temporary file); more get 503 with Retry-After.")
@@ -682,8 +682,8 @@ def serve_cmd(model: Path, index_dir: Path | None, host: str, port: int, backend
     curl -F image=@photo.jpg -F point=120,80 -F k=5 http://127.0.0.1:8000/v1/query
 
     Memory: one request can take up to about 50 bytes per pixel of --max-pixels (an RGBA
-    upload with an RGBA mask; 6-11 for RGB or grey images) plus twice --max-upload-mb, 2.0 GB
-    at the defaults (0.45 GB for RGB). At most --max-concurrent requests take it at once; the
+    upload with an RGBA mask; 6-10 for RGB or grey images) plus twice --max-upload-mb, 2.0 GB
+    at the defaults (0.4 GB for RGB). At most --max-concurrent requests take it at once; the
     --max-queue waiting ones hold about 1 MiB each; more get 503 with Retry-After.
     """
     from spml_deploy.serving.http import serve
