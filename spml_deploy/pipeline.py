@@ -86,27 +86,39 @@ def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
         raise ValueError(f"prepare_batch: {len(resized)} resized images for {len(images)} images")
     ph = max(p.padded_hw[0] for _, p in resized)
     pw = max(p.padded_hw[1] for _, p in resized)
-    host = torch.zeros((len(images), ph, pw, 3), dtype=torch.uint8,
-                       pin_memory=device.type == "cuda")
+    full = all(p.resized_hw == (ph, pw) for _, p in resized)      # no padding to clear
+    host = (torch.empty if full else torch.zeros)((len(images), ph, pw, 3), dtype=torch.uint8,
+                                                  pin_memory=device.type == "cuda")
     buf = host.numpy()
     for i, (im, p) in enumerate(resized):
         buf[i, : p.resized_hw[0], : p.resized_hw[1]] = im
     u = host.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()   # [B, 3, PH, PW]
-    mean = torch.tensor(pp.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pp.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    scale = torch.tensor(pp.scale, dtype=torch.float32, device=device)
-    x = u.float().mul_(scale).sub_(mean).div_(std)
+    consts = _small_tensor([list(pp.mean), list(pp.std), [pp.scale] * 3], torch.float32, device)
+    mean, std = consts[0].view(1, 3, 1, 1), consts[1].view(1, 3, 1, 1)
+    x = u.float().mul_(consts[2, 0]).sub_(mean).div_(std)
     prepped = [p for _, p in resized]
     inside = valid_cells(prepped, ph, pw, device, stride=1)                    # [B, PH, PW]
     return x.masked_fill_(~inside[:, None], 0.0), prepped
+
+
+def _small_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A few host values as a tensor on ``device``. On CUDA through pinned memory and a
+    non-blocking copy: a plain ``torch.tensor(..., device=cuda)`` copies synchronously, which
+    waits for the GPU's queued work (the network of the previous batch) and so would stop the
+    next batch's preparation from overlapping it."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def valid_cells(prepped: list[Prepared], h: int, w: int, device: torch.device | str = "cpu",
                 stride: int = 4) -> torch.Tensor:
     """bool [B, h, w]: the cells of a batch's stride-``stride`` embedding grid that cover the
     resized image (not padding); image ``i`` covers ``ceil(resized / stride)`` rows and columns."""
-    rows = torch.tensor([-(-p.resized_hw[0] // stride) for p in prepped], device=device)
-    cols = torch.tensor([-(-p.resized_hw[1] // stride) for p in prepped], device=device)
+    rows, cols = _small_tensor([[-(-p.resized_hw[0] // stride) for p in prepped],
+                                [-(-p.resized_hw[1] // stride) for p in prepped]],
+                               torch.long, device)
     return ((torch.arange(h, device=device)[None, :, None] < rows[:, None, None])
             & (torch.arange(w, device=device)[None, None, :] < cols[:, None, None]))
 

@@ -424,8 +424,9 @@ def test_benchmark_preprocessing_is_the_segment_jobs(bundle, monkeypatch):
         return x, prepped
 
     monkeypatch.setattr(bench_mod, "prepare_batch", spy)
-    benchmark(out, ["torch"], imgsz=32, batch=2, warmup=0, iters=2)
-    assert seen == [True, True]
+    r = benchmark(out, ["torch"], imgsz=32, batch=2, warmup=0, iters=2)
+    assert seen == [True] * 5            # 2 staged batches, then 1 + 2 in the pipelined pass
+    assert r["backends"]["torch"]["pipelined_images_per_s"] > 0
 
 
 def test_cli_benchmark_backends_and_torch_options(bundle, tmp_path):
