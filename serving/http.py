@@ -169,10 +169,26 @@ class AdmissionMiddleware:
                 headers=[(b"retry-after", str(self.retry_after).encode())])
             return
         self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        async def send_and_release(message) -> None:
+            # the slot is free once the answer is complete: a client that sends its next
+            # request as soon as it has the answer must not find its previous one still
+            # counted (FastAPI closes uploads after the response, which can take a while)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_release)
         finally:
-            self.active -= 1
+            release()
 
 
 async def _drain(receive, already: int, limit: int) -> None:

@@ -184,3 +184,45 @@ def test_memory_statement():
     assert H.request_memory_bytes(40_000_000, 16 * 2**20) == 50 * 40_000_000 + 32 * 2**20
     with pytest.raises(Exception, match="max_concurrent"):
         H.create_app(Path("/nonexistent"), max_concurrent=0)
+
+
+
+def test_a_finished_answer_frees_its_slot_before_cleanup():
+    """AdmissionMiddleware at the ASGI level: once a request's answer is complete, its slot is
+    free, even while the app still cleans up after it (FastAPI closes uploads after the
+    response): the client's next request is admitted, not refused with 503."""
+    import asyncio
+
+    cleanup = asyncio.Event()
+    statuses: list[int] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        if scope["path"] == "/v1/first":
+            await cleanup.wait()                      # still running after its answer
+
+    mw = H.AdmissionMiddleware(app, max_active=1, drain_bytes=1000)
+
+    async def request(path: str) -> None:
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await mw({"type": "http", "path": path, "headers": []}, receive, send)
+
+    async def main():
+        first = asyncio.create_task(request("/v1/first"))
+        while not statuses:
+            await asyncio.sleep(0)
+        await request("/v1/second")                   # the first one's answer is complete
+        cleanup.set()
+        await first
+        assert mw.active == 0
+
+    asyncio.run(main())
+    assert statuses == [200, 200]
+
