@@ -251,3 +251,47 @@ def format_table(result: dict[str, Any]) -> str:
         text += "\n\nnot available here: " + "; ".join(
             f"{k} ({v})" for k, v in result["unavailable"].items())
     return text
+
+
+def onnx_precisions(run_dir: str | Path, fp32_onnx: str | Path, device: str,
+                    hw: tuple[int, int], batch: int = 8, iters: int = 20, opset: int = 17,
+                    manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ONNX Runtime images/s of an fp32 ``model.onnx`` and of an fp16 export of the same run
+    (``export --half``, written to a temporary file) on ``device``, at ``hw`` and ``batch``
+    (median of ``iters`` synchronised calls after 3 warm-up calls), with the fp16 model's
+    parity against the fp32 one. :func:`spml_deploy.export.bundle.export_bundle` reports it
+    beside an fp32 export where ONNX Runtime runs on CUDA, so the fp16 gain is known before
+    choosing ``--half``."""
+    import tempfile
+
+    from spml_deploy.backends import OnnxRuntimeBackend
+    from spml_deploy.export.onnx_export import export_onnx
+    from spml_deploy.export.parity import margin_tolerance, parity, parity_sizes
+
+    x = torch.randn(batch, 3, *hw, generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {"input": [batch, 3, *hw], "iters": iters}
+    with tempfile.TemporaryDirectory(prefix="spml-fp16-") as tmp:
+        half_path = Path(tmp) / ONNX_FILE
+        export_onnx(run_dir, half_path, opset=opset, imgsz=hw, batch=batch, half=True,
+                    manifest=manifest)
+        backends = {"fp32": OnnxRuntimeBackend(fp32_onnx, device),
+                    "fp16": OnnxRuntimeBackend(half_path, device)}
+        try:
+            for name, be in backends.items():
+                times = []
+                for it in range(3 + iters):
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        be(x)
+                    be.synchronize()
+                    if it >= 3:
+                        times.append(time.perf_counter() - t0)
+                out[f"{name}_images_per_s"] = batch / float(np.median(times))
+            out["fp16_parity"] = parity(backends["fp32"], backends["fp16"], parity_sizes(hw),
+                                        batch=2, num_images=4, check=False,
+                                        margin_tolerance=margin_tolerance(True))
+        finally:
+            for be in backends.values():
+                be.close()
+    out["fp16_speedup"] = out["fp16_images_per_s"] / out["fp32_images_per_s"]
+    return out

@@ -98,8 +98,13 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
                   workspace: float = 4, simplify: bool = False, device: str = "cpu",
                   overwrite: bool = False, timing_cache: str | Path | None = None,
                   parity_images: int = PARITY_IMAGES, seed: int = 0,
-                  max_side: int | None = None) -> dict[str, Any]:
+                  max_side: int | None = None,
+                  compare_half: bool | None = None) -> dict[str, Any]:
     """Export ``run_dir`` (a run folder or a bundle) to the bundle folder ``out``.
+
+    ``compare_half``: also measure ONNX Runtime's images/s of an fp16 export beside the fp32
+    one, with its parity (:func:`spml_deploy.export.benchmark.onnx_precisions`; the ONNX
+    export's ``precisions`` entry). Default: for an fp32 export where ONNX Runtime runs on CUDA.
 
     ``max_side``: the deployed input size (images resized so their longest side is this before
     the network; it goes into the bundle's spml.json, which inference reads); default the
@@ -155,6 +160,13 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
         onnx_info.update(parity=onnx_parity, parity_reference=reference.describe(),
                          device=ort.describe()["device"], providers=ort.describe()["providers"])
         onnx_info.pop("fp32_nodes", None)
+        if compare_half if compare_half is not None else (
+                not half and ort.describe()["providers"][0] == "CUDAExecutionProvider"):
+            from spml_deploy.export.benchmark import onnx_precisions
+
+            onnx_info["precisions"] = onnx_precisions(run_dir, tmp / ONNX_FILE, device, hw,
+                                                      batch=max(batch, 8), opset=opset,
+                                                      manifest=bundle.to_dict())
         bundle.exports.append(onnx_info)
         bundle.add_file(tmp, "onnx", ONNX_FILE)
         for role in copied:
@@ -248,5 +260,11 @@ def format_report(report: dict[str, Any]) -> str:
                     f" {e['precision']}, profile {e['profile']['min']}..{e['profile']['max']}")
         lines.append(head)
         lines.append(f"         parity vs {e['parity']['reference']}: {format_parity(e['parity'])}")
+        if "precisions" in e:
+            c = e["precisions"]
+            lines.append(f"         ONNX Runtime at {c['input']}: fp32 {c['fp32_images_per_s']:.1f} "
+                         f"images/s, fp16 (--half) {c['fp16_images_per_s']:.1f} images/s "
+                         f"(x{c['fp16_speedup']:.2f}); fp16 parity: "
+                         f"{format_parity(c['fp16_parity'])}")
     lines.append("  files: " + ", ".join(f"{v['path']}" for v in report["files"].values()))
     return "\n".join(lines)

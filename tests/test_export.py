@@ -686,3 +686,20 @@ def test_fp32_pinning_also_matches_renamed_layers_by_output_tensor(bundle, tmp_p
     pinned = [l for l in trt.calls["network"].layers if l.precision == "float32"]
     assert info["fp32_layers"] == len(pinned) == 5
     assert all(l.out_types == {0: "float32"} for l in pinned)
+
+
+def test_export_reports_fp16_throughput_beside_fp32(run, tmp_path):
+    """compare_half (automatic where ONNX Runtime runs on CUDA) adds the images/s of an fp16
+    export and its parity to the fp32 export's report; here forced on the CPU provider."""
+    report = export_bundle(run, tmp_path / "b", imgsz=EXPORT_HW[0], compare_half=True)
+    onnx_info = report["exports"][0]
+    c = onnx_info["precisions"]
+    assert onnx_info["precision"] == "fp32"
+    assert c["fp32_images_per_s"] > 0 and c["fp16_images_per_s"] > 0
+    assert c["fp16_speedup"] == pytest.approx(c["fp16_images_per_s"] / c["fp32_images_per_s"])
+    p = c["fp16_parity"]
+    assert p["candidate"] == "onnxruntime" and 0 < p["max_abs_diff_embeddings"] < 1e-2
+    assert p["margin_tolerance"] == margin_tolerance(True)
+    assert "fp16 (--half)" in bundle_mod.format_report(report)
+    plain = export_bundle(run, tmp_path / "c", imgsz=EXPORT_HW[0])           # CPU: not measured
+    assert "precisions" not in plain["exports"][0]
