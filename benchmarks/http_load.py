@@ -255,7 +255,8 @@ def run_load(url: str, pid: int, jobs: list, bodies: dict, clients: int, k: int,
                         want = expected_for(job)
                         got = [h["segment_id"] for h in body["hits"]]
                         if want is not None and got != want:
-                            why = f"{kind}: hits {got[:4]}... differ from the library's {want[:4]}..."
+                            why = (f"{kind}: hits {got[:4]}... differ from the library's "
+                                   f"{want[:4]}...")
                 except httpx.HTTPError as exc:
                     why = f"{job[0]}: {type(exc).__name__}: {exc}"
                 dt_s = time.perf_counter() - t0

@@ -235,8 +235,8 @@ class SegmentStore:
                 first = next_id
                 for rec in records:
                     cur = self._con.execute(
-                        "INSERT INTO images(path, rel, width, height, num_segments, content_sha256) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO images(path, rel, width, height, num_segments, "
+                        "content_sha256) VALUES (?, ?, ?, ?, ?, ?)",
                         (rec.path, rec.rel, int(rec.width), int(rec.height), rec.num_segments,
                          rec.content_sha256))
                     image_id = cur.lastrowid

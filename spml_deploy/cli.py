@@ -572,8 +572,8 @@ def index_add(index_dir: Path, images: str, model: Path | None, backend: str, de
 @click.option("--box", type=_Coords(4, "box"),
               help="Query with the pooled embedding inside this box (whole pixels).")
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              metavar="M.png",
-              help="Query with the pooled embedding inside this mask (image size; non-black = inside).")
+              metavar="M.png", help="Query with the pooled embedding inside this mask (image "
+                                    "size; non-black = inside).")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1),
               help="Number of segments to return.")
 @click.option("--class", "class_name", metavar="NAME",

@@ -8,14 +8,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 httpx = pytest.importorskip("httpx")
 
-from test_http import LiveServer, _one_torch_thread, _png, small_run  # noqa: E402,F401
+from test_http import LiveServer, _one_torch_thread, small_run  # noqa: E402,F401
 
 from spml_deploy.serving import http as H  # noqa: E402
 from spml_deploy.serving import retrieval as R  # noqa: E402
