@@ -112,6 +112,18 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+def model_folder(path: str | Path) -> Path:
+    """The run or bundle folder that ``path`` names: the folder itself, or the folder of a file
+    inside it (model.onnx, spml.json). :class:`ManifestError` naming ``path`` as given when it
+    does not exist (rather than looking for a manifest in its parent)."""
+    p = Path(path)
+    if not p.exists():
+        raise ManifestError("no such run folder, bundle or model file (the path does not exist)",
+                            path=p, fix="check the path: pass the folder written by 'spml-deploy "
+                                        "train' (--out) or 'spml-deploy export'")
+    return p if p.is_dir() else p.parent
+
+
 def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     """Read and validate ``folder/spml.json``; with ``verify``, check every listed file's sha256."""
     folder = Path(folder)

@@ -501,14 +501,14 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
     """A :class:`Pipeline` for a run folder or bundle: its backend, classes, palette, memory."""
     from dataclasses import replace as _replace
 
-    from spml_deploy.artifacts import read_manifest
+    from spml_deploy.artifacts import model_folder, read_manifest
     from spml_deploy.backends import load_backend
 
     if options.crf:
         from spml_deploy.crf import require_crf
 
         require_crf()              # fail before reading the model when the CRF package is absent
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    folder = model_folder(path)
     manifest = read_manifest(folder, verify=True)
     cfg_path = folder / "config.json"
     if cfg_path.is_file():     # run folders carry the segmentation settings of their training
@@ -518,7 +518,22 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
         if "test_grid" in seg and options.test_grid == PipelineOptions.test_grid:
             options = _replace(options, test_grid=tuple(seg["test_grid"]))
     memory = None
-    if options.classifier == "knn" and "memory" in manifest.files:
+    if options.classifier == "knn" and "memory" not in manifest.files:
+        from spml_deploy.errors import ConfigError
+
+        baseline = manifest.training.get("baseline")
+        if baseline:
+            raise ConfigError(f"--classifier knn needs a prototype memory, and this {baseline} "
+                              "baseline run has none (training a baseline stops after the "
+                              "network; only SPML runs build the memory)", path=folder,
+                              fix="use --classifier softmax, or train without --baseline for kNN")
+        raise ConfigError("--classifier knn needs a prototype memory (memory.npz), and this "
+                          f"{'bundle' if manifest.kind == 'bundle' else 'run'} has none",
+                          path=folder,
+                          fix="use --classifier softmax; for a run whose training was "
+                              "interrupted, finish it with 'spml-deploy train ... --resume' "
+                              "(its last stage builds the memory), then export again")
+    if options.classifier == "knn":
         index_file = manifest.files.get("memory_index")
         memory = PrototypeMemory.load(folder / manifest.files["memory"]["path"],
                                       manifest.num_classes, options.knn_k, device,
