@@ -1,10 +1,15 @@
 """Batch segmentation of image folders (``spml-deploy segment``).
 
 INPUT is a folder (searched recursively), a glob pattern, or a text file listing image paths.
-OUTPUT receives ``labels/<relative path>.png`` (palette PNG of class ids, same size as the
-input), optional ``overlays/<relative path>.png``, ``results.jsonl`` (one line per image) and
-``failed.txt`` (path and reason). Every file is written atomically; ``--skip-existing`` resumes
-an interrupted job without redoing finished images; a bad image is reported and the job goes on.
+OUTPUT receives ``labels/<relative path without extension>.png`` (palette PNG of class ids,
+same size as the input), optional ``overlays/<same name>.png``, ``results.jsonl`` (one line per
+image) and ``failed.txt`` (path and reason). Two inputs that would write the same label map
+(``a.png`` and ``a.jpg`` of one folder) are refused before any work. Every file is written
+atomically; ``--skip-existing`` resumes an interrupted job without redoing finished images and
+restores the ``results.jsonl`` line of any finished label map that lacks one; a bad image is
+reported and the job goes on.
+
+Relative paths in a ``.txt`` list are resolved against the folder that holds the list.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from tqdm.auto import tqdm
 
 from spml_deploy.errors import SpmlError
 from spml_deploy.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
-                                 write_label_png)
+                                 read_label_png, write_label_png)
 from spml_deploy.pipeline import resize_for_network
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 class InputItem:
     path: Path       # the image file
     rel: str         # relative path used for the outputs (posix, with extension)
+    listed_in: Path | None = None   # the .txt list that named it, if any
 
 
 def discover(source: str | Path) -> list[InputItem]:
@@ -48,10 +54,7 @@ def discover(source: str | Path) -> list[InputItem]:
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         return [InputItem(f, f.relative_to(p).as_posix()) for f in files]
     if p.is_file() and p.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in p.read_text().splitlines()]
-        paths = [Path(ln) if os.path.isabs(ln) else (p.parent / ln) for ln in lines
-                 if ln and not ln.startswith("#")]
-        return _relative_to_common(paths)
+        return _discover_list(p)
     if p.is_file():
         return [InputItem(p, p.name)]
     if any(ch in text for ch in "*?["):
@@ -61,16 +64,70 @@ def discover(source: str | Path) -> list[InputItem]:
                     path=source, fix="pass a folder of images, 'dir/**/*.jpg' or a text file of paths")
 
 
-def _relative_to_common(paths: list[Path]) -> list[InputItem]:
+LIST_RULE = "relative paths in a .txt list are resolved against the folder that holds the list"
+
+
+def _discover_list(listing: Path) -> list[InputItem]:
+    """The images of a .txt list (one path a line, '#' comments); relative paths are resolved
+    against the list's folder, so a list can travel with its images."""
+    lines = [ln.strip() for ln in listing.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    paths = [Path(ln) if os.path.isabs(ln) else (listing.parent / ln) for ln in lines]
+    if paths and not any(q.exists() for q in paths):
+        first = paths[0]
+        hint = ""
+        if not os.path.isabs(lines[0]) and Path(lines[0]).exists():
+            hint = (f"; '{lines[0]}' exists relative to the working directory: write the paths "
+                    f"relative to {listing.parent.absolute()} or absolute")
+        raise SpmlError(f"none of the {len(paths)} listed images exists (first one tried: "
+                        f"{first.absolute()}); {LIST_RULE}{hint}", path=listing,
+                        fix="write each path relative to the list's folder, or as an absolute path")
+    return _relative_to_common(paths, listing)
+
+
+def _relative_to_common(paths: list[Path], listed_in: Path | None = None) -> list[InputItem]:
     if not paths:
         return []
     absolute = [q.resolve() for q in paths]
     root = Path(os.path.commonpath([str(q.parent) for q in absolute]))
-    return [InputItem(q, a.relative_to(root).as_posix()) for q, a in zip(paths, absolute)]
+    return [InputItem(q, a.relative_to(root).as_posix(), listed_in)
+            for q, a in zip(paths, absolute)]
+
+
+def check_unique_outputs(items: list[InputItem], out: Path) -> list[InputItem]:
+    """``items`` without repeats of one file; :class:`SpmlError` listing the clashes when two
+    different inputs would write the same label map (``a.png`` and ``a.jpg`` of one folder: the
+    output name drops the extension, so that label maps keep the ``<stem>.png`` names that
+    ``spml-deploy eval`` and the dataset contract use)."""
+    by_label: dict[Path, list[InputItem]] = defaultdict(list)
+    for it in items:
+        group = by_label[label_path(out, it.rel)]
+        if not any(os.path.abspath(g.path) == os.path.abspath(it.path) for g in group):
+            group.append(it)
+    clashes = {lab: group for lab, group in by_label.items() if len(group) > 1}
+    if clashes:
+        shown = [f"{lab.relative_to(out)} <- " + ", ".join(str(g.path) for g in group)
+                 for lab, group in list(clashes.items())[:10]]
+        more = f" (and {len(clashes) - 10} more)" if len(clashes) > 10 else ""
+        raise SpmlError(f"{len(clashes)} label map name(s) would be written by more than one "
+                        f"input{more}: " + "; ".join(shown), path=out,
+                        fix="rename one image of each pair (outputs are named after the path "
+                            "without its extension), or segment them into separate OUTPUT folders")
+    unique = [group[0] for group in by_label.values()]
+    if len(unique) < len(items):
+        log.warning("%d input(s) named more than once: each is segmented once",
+                    len(items) - len(unique))
+    return unique
 
 
 def label_path(out: Path, rel: str) -> Path:
+    """``out/labels/<rel without its extension>.png``."""
     return out / "labels" / (rel.rsplit(".", 1)[0] + ".png")
+
+
+def overlay_path(out: Path, rel: str) -> Path:
+    """``out/overlays/<rel without its extension>.png``."""
+    return out / "overlays" / (rel.rsplit(".", 1)[0] + ".png")
 
 
 def overlay_image(image: np.ndarray, labels: np.ndarray, palette: list[list[int]],
@@ -102,6 +159,7 @@ class JobReport:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    recovered: int = 0      # results.jsonl lines restored for finished label maps (resume)
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -112,6 +170,9 @@ class JobReport:
     def format(self) -> str:
         lines = [f"images: {self.done} done, {self.skipped} skipped, {self.failed} failed "
                  f"in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"]
+        if self.recovered:
+            lines.append(f"results.jsonl: {self.recovered} line(s) restored for label maps "
+                         "finished by an interrupted run")
         total = sum(self.stages.values()) or 1.0
         if self.stages:
             lines.append("time per stage (ms/image, share):")
@@ -122,6 +183,7 @@ class JobReport:
 
     def to_dict(self) -> dict:
         return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "recovered": self.recovered,
                 "seconds": self.seconds, "images_per_s": self.images_per_s,
                 "stages_s": dict(self.stages)}
 
@@ -148,7 +210,13 @@ def _read(item: InputItem, pp=None) -> _Read:
         resized = resize_for_network(image, pp) if pp is not None else None
         return _Read(item, image, resized, None, time.perf_counter() - t)
     except SpmlError as exc:
-        return _Read(item, None, None, exc.message, time.perf_counter() - t)
+        message = exc.message
+        if item.listed_in is not None and not item.path.exists():
+            message = (f"not found: {item.path.absolute()} ({LIST_RULE}, "
+                       f"{item.listed_in.parent.absolute()})")
+        elif exc.fix:
+            message += f"; fix: {exc.fix}"
+        return _Read(item, None, None, message, time.perf_counter() - t)
     except Exception as exc:  # any decoder error: report it, keep going
         return _Read(item, None, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
 
@@ -181,20 +249,35 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
     if not items:
         raise SpmlError("no images found", path=source,
                         fix=f"image extensions: {', '.join(IMAGE_EXTENSIONS)}")
+    if out.exists() and not out.is_dir():
+        raise SpmlError("OUTPUT exists and is not a folder", path=out,
+                        fix="pass a folder for OUTPUT (it is created when missing)")
+    items = check_unique_outputs(items, out)
     out.mkdir(parents=True, exist_ok=True)
     report = JobReport()
-    todo = []
+    todo, finished = [], []
     for it in items:
         if skip_existing and png_is_complete(label_path(out, it.rel)):
             report.skipped += 1
+            finished.append(it)
         else:
             todo.append(it)
     palette = pipeline.palette
     failed_lines: list[str] = []
     t_start = time.perf_counter()
+    results_path = out / "results.jsonl"
+    recorded = _recorded_labels(results_path)
+    results_f = open(results_path, "a")
+    # A job killed between writing a label map and its results.jsonl line: restore the line.
+    names = list(getattr(pipeline, "class_names", []))
+    for it in finished:
+        lab = label_path(out, it.rel)
+        if str(lab) not in recorded and os.path.abspath(lab) not in recorded:
+            results_f.write(json.dumps(_record(out, it, read_label_png(lab), names, None)) + "\n")
+            report.recovered += 1
+    results_f.flush()
     bar = tqdm(total=len(items), initial=report.skipped, desc="segment", unit="img",
                disable=not progress, dynamic_ncols=True)
-    results_f = open(out / "results.jsonl", "a")
 
     def fail(group: list[tuple[InputItem, np.ndarray]], message: str) -> None:
         for it, _ in group:
@@ -274,20 +357,51 @@ def _write(out: Path, it: InputItem, image: np.ndarray, res, palette, overlay: b
         buf = io.BytesIO()
         Image.fromarray(overlay_image(image, labels, palette)).save(buf, format="PNG",
                                                                     compress_level=1)
-        atomic_write_bytes(out / "overlays" / (it.rel.rsplit(".", 1)[0] + ".png"), buf.getvalue(),
-                           durable=False)
+        atomic_write_bytes(overlay_path(out, it.rel), buf.getvalue(), durable=False)
     # The label map last: it marks the image done for --skip-existing. No fsync: the rename
     # keeps a killed job from leaving half files, and --skip-existing redoes a label map that a
     # power loss left incomplete (png_is_complete).
     write_label_png(label_path(out, it.rel), labels, palette, durable=False)
+    return _record(out, it, labels, res.class_names, res.timings), time.perf_counter() - t
+
+
+def _record(out: Path, it: InputItem, labels: np.ndarray, names: list[str],
+            timings: dict[str, float] | None) -> dict:
+    """The results.jsonl line of one image from its label map (uint8 [H, W] class ids).
+    ``timings`` None: the line is restored from a finished label map (``"restored": true``,
+    no timings)."""
     counts = np.bincount(labels.ravel(), minlength=256)
     ids = np.flatnonzero(counts)
-    names = res.class_names
     record = {"path": str(it.path), "label": str(label_path(out, it.rel)),
               "size": [int(labels.shape[1]), int(labels.shape[0])],
               "classes": {names[i] if i < len(names) else str(i): int(counts[i]) for i in ids},
-              "timings_ms": {k: round(1000 * v, 3) for k, v in res.timings.items()}}
-    return record, time.perf_counter() - t
+              "timings_ms": {k: round(1000 * v, 3) for k, v in (timings or {}).items()}}
+    if timings is None:
+        record["restored"] = True
+    return record
+
+
+def _recorded_labels(results_path: Path) -> set[str]:
+    """Label paths (as written and absolute) that ``results.jsonl`` has a line for. A last line
+    cut short by a kill is removed first (its image is restored or redone), so that the next
+    line starts on a line of its own."""
+    if not results_path.is_file():
+        return set()
+    data = results_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(results_path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    labels: set[str] = set()
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            lab = json.loads(line).get("label")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(lab, str):
+            labels.update((lab, os.path.abspath(lab)))
+    return labels
 
 
 def _finish(fut: Future, results_f, report: JobReport) -> None:
