@@ -22,7 +22,7 @@ images come in the request, and hits name indexed images relative to the indexed
 
 Memory: at most ``max_concurrent`` requests read, decode and run the model at once (a
 semaphore); up to ``max_queue`` more wait with their upload parsed (Starlette keeps at most
-1 MiB of each in memory, the rest in a temporary file); beyond that a ``/v1/`` request gets 503
+1 MiB of each uploaded file in memory, the rest in a temporary file); beyond that a ``/v1/`` request gets 503
 with ``Retry-After`` before its body is parsed (it is read and discarded).
 :func:`request_memory_bytes` is what one worst-case request can take. Model work runs in worker
 threads (``run_in_threadpool``) behind one lock, so the event loop keeps serving (``/healthz``

@@ -667,8 +667,8 @@ def _finite(ctx, param, value):
 @click.option("--max-concurrent", default=2, show_default=True, type=click.IntRange(min=1),
               help="Requests decoded and run at once (each may take the memory stated above).")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
-              help="Requests waiting for a slot (about 1 MiB of memory each, the rest of the "
-                   "upload in a temporary file); more get 503 with Retry-After.")
+              help="Requests waiting for a slot (at most 1 MiB of memory per uploaded file, "
+                   "the rest in a temporary file); more get 503 with Retry-After.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="torch intra-op threads for the model (default: one per CPU; 1 is often "
                    "faster on a small shared CPU).")
@@ -684,7 +684,8 @@ def serve_cmd(model: Path, index_dir: Path | None, host: str, port: int, backend
     Memory: one request can take up to about 50 bytes per pixel of --max-pixels (an RGBA
     upload with an RGBA mask; 6-10 for RGB or grey images) plus twice --max-upload-mb, 2.0 GB
     at the defaults (0.4 GB for RGB). At most --max-concurrent requests take it at once; the
-    --max-queue waiting ones hold about 1 MiB each; more get 503 with Retry-After.
+    --max-queue waiting ones hold at most 1 MiB per uploaded file; more get 503 with
+    Retry-After.
     """
     from spml_deploy.serving.http import serve
 
