@@ -37,6 +37,8 @@ class ModelConfig:
     width: int = 0                  # tiny backbone base width (0 = preset default)
     stem: str = ""                  # "" = automatic (deep; torchvision when its weights are loaded)
     bn_momentum: float = 0.0        # 0 = automatic (3e-4 with pretrained weights, 0.1 from scratch)
+    decoder: str = ""               # "" = spec: ASPP sum + bilinear x2; "fpn" = light stride-4 decoder
+    decoder_channels: int = 64      # channels of the "fpn" decoder
 
     @property
     def embed_stride(self) -> int:
@@ -109,6 +111,7 @@ class TrainConfig:
     crop: int = 512
     lr: float = 3e-3
     optimizer: str = "sgd"          # "sgd" (spec 6: momentum, poly decay) or "adamw" (same schedule)
+    schedule: str = "poly"          # "poly" (spec 6: (1 - t/T)^0.9) or "cosine"; both after warm-up
     backbone_lr_mult: float = 0.0   # 0 = automatic: x1 with pretrained weights, x10 from scratch
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -186,6 +186,7 @@ class ResNetBackbone(nn.Module):
                 cin = width * block_cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_channels = cin
+        self.low_channels = widths[0] * block_cls.expansion
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -230,15 +231,19 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images [B,3,H,W] -> features [B,out_channels,H/8,W/8]."""
+        return self.forward_features(x)[1]
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B,3,H,W] -> (stage-2 features [B,low_channels,H/4,W/4],
+        last-stage features [B,out_channels,H/8,W/8])."""
         x = self.relu(self.bn1(self.conv1(x)))
         if self.stem == "deep":
             x = self.relu(self.bn2(self.conv2(x)))
             x = self.relu(self.bn3(self.conv3(x)))
-        x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
+        low = self.layer1(self.maxpool(x))
+        x = self.layer2(low)
         x = self.layer3(x)
-        return self.layer4(x)
+        return low, self.layer4(x)
 
 
 def build_backbone(name: str, stem: str = "deep", width: int = 0) -> ResNetBackbone:
@@ -279,11 +284,52 @@ class ASPP(nn.Module):
         return out
 
 
+class FPNHead(nn.Module):
+    """Light FPN-style decoder (``model.decoder: fpn``): the ASPP sum at stride 8 (``channels``
+    wide, + BN + ReLU) upsampled x2 and added to a 1x1 projection of the stage-2 features at
+    stride 4, then 3x3 conv + BN + ReLU and a 1x1 conv (bias) to D.
+
+    (stage-2 features [B,c_low,h,w], last-stage features [B,c_high,h/2,w/2]) -> [B,D,h,w].
+    Only Conv, BatchNormalization, Relu, Resize and Add: exports like the spec head.
+    """
+
+    def __init__(self, c_low: int, c_high: int, channels: int, cout: int,
+                 dilations: tuple[int, ...]):
+        super().__init__()
+        self.aspp = ASPP(c_high, channels, dilations)
+        for c in self.aspp.convs:   # a normalised branch: He init instead of the spec's 0.01
+            nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
+        self.bn_ctx = nn.BatchNorm2d(channels)
+        self.lateral = nn.Conv2d(c_low, channels, 1, bias=False)
+        self.bn_lateral = nn.BatchNorm2d(channels)
+        self.fuse = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn_fuse = nn.BatchNorm2d(channels)
+        self.out = nn.Conv2d(channels, cout, 1, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+        for m in (self.lateral, self.fuse):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.out.weight, std=0.01)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, low: Tensor, high: Tensor) -> Tensor:
+        ctx = self.relu(self.bn_ctx(self.aspp(high)))
+        # x2 exactly (inputs are multiples of 8); a scale factor keeps the ONNX graph dynamic
+        ctx = F.interpolate(ctx, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.relu(ctx + self.bn_lateral(self.lateral(low)))
+        return self.out(self.relu(self.bn_fuse(self.fuse(x))))
+
+
+DECODERS = ("", "fpn")
+
+
 class EmbeddingNet(nn.Module):
     """Images [B,3,H,W] (H, W multiples of 8) -> raw embeddings ``e`` [B,D,H/4,W/4].
 
     ``backbone`` gives the stride-8 feature map (``backbone.out_channels`` channels), ``head``
     the ASPP sum at stride 8; the x2 bilinear upsampling brings it to stride 4. No normalisation.
+    With ``model.decoder: fpn`` the head is :class:`FPNHead`, which also reads the stride-4
+    stage-2 features and outputs stride 4 itself (a configuration without the field builds
+    the spec network, so older runs load unchanged).
     """
 
     def __init__(self, cfg: ModelConfig, stem: str | None = None, bn_momentum: float | None = None):
@@ -296,10 +342,23 @@ class EmbeddingNet(nn.Module):
         if cfg.embed_dim < 1 or not cfg.aspp_dilations or min(cfg.aspp_dilations) < 1:
             raise ConfigError(f"invalid embed_dim {cfg.embed_dim} or aspp_dilations "
                               f"{cfg.aspp_dilations}", fix="positive values, e.g. 64 and [6,12,18,24]")
+        decoder = _cfg_get(cfg, "decoder", "")
+        if decoder not in DECODERS:
+            raise ConfigError(f"unknown model.decoder '{decoder}'",
+                              fix="use '' (spec: ASPP + bilinear x2) or 'fpn'")
+        channels = _cfg_get(cfg, "decoder_channels", 64)
+        if decoder and channels < 1:
+            raise ConfigError(f"model.decoder_channels must be positive, got {channels}")
         self.cfg = cfg
+        self.decoder = decoder
         stem = stem or _cfg_get(cfg, "stem", "") or "deep"
         self.backbone = build_backbone(cfg.backbone, stem, cfg.width)
-        self.head = ASPP(self.backbone.out_channels, cfg.embed_dim, tuple(cfg.aspp_dilations))
+        self.head: nn.Module
+        if decoder == "fpn":
+            self.head = FPNHead(self.backbone.low_channels, self.backbone.out_channels, channels,
+                                cfg.embed_dim, tuple(cfg.aspp_dilations))
+        else:
+            self.head = ASPP(self.backbone.out_channels, cfg.embed_dim, tuple(cfg.aspp_dilations))
         momentum = bn_momentum or _cfg_get(cfg, "bn_momentum", 0.0) or SCRATCH_BN_MOMENTUM
         set_bn_momentum(self, momentum)
 
@@ -315,6 +374,8 @@ class EmbeddingNet(nn.Module):
             if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
                 raise ConfigError(f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}",
                                   fix="pad images to a multiple of 8 (PreprocessConfig.pad_multiple)")
+        if self.decoder == "fpn":
+            return self.head(*self.backbone.forward_features(x))
         e = self.head(self.backbone(x))
         return F.interpolate(e, scale_factor=2.0, mode="bilinear", align_corners=False)
 

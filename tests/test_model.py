@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from spml_deploy.config import MODEL_PRESETS, ModelConfig
 from spml_deploy.errors import ConfigError
 from spml_deploy.model import (
     EmbeddingNet,
+    FPNHead,
     PixelClassifier,
     SegmentationModel,
     build_backbone,
@@ -489,3 +491,68 @@ def test_onnx_export_dynamic_shapes_parity(tiny, tmp_path):
         cos = (phi_o * phi_t.numpy()).sum(axis=1)
         assert cos.min() >= 0.9999
         assert np.abs(logits_o - logits_t.numpy()).max() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# the light FPN-style decoder (model.decoder: fpn) and older configurations
+
+
+def test_fpn_decoder_shapes_and_parameters():
+    """The fpn decoder outputs stride-4 embeddings of the right shape at any multiple of 8, has
+    the decoder's layers under ``head`` (so the head's learning-rate multipliers apply), and an
+    unknown decoder name is a ConfigError."""
+    torch.manual_seed(0)
+    net = EmbeddingNet(_cfg(decoder="fpn", decoder_channels=24)).eval()
+    _randomize_bn(net)
+    assert isinstance(net.head, FPNHead) and net.head.out.out_channels == 32
+    for h, w in [(64, 64), (40, 72), (136, 24)]:
+        with torch.no_grad():
+            assert net(torch.randn(2, 3, h, w)).shape == (2, 32, h // 4, w // 4)
+    names = {n.split(".")[1] for n, _ in net.named_parameters() if n.startswith("head.")}
+    assert names == {"aspp", "bn_ctx", "lateral", "bn_lateral", "fuse", "bn_fuse", "out"}
+    with pytest.raises(ConfigError, match="model.decoder"):
+        EmbeddingNet(_cfg(decoder="unet"))
+
+
+def test_config_without_decoder_fields_builds_the_spec_network():
+    """A config.json written before the decoder existed (no 'decoder' key) rebuilds exactly the
+    committed network: the retrieval bundle's weights load strictly into it."""
+    import json
+    from pathlib import Path
+
+    from spml_deploy.config import RunConfig, from_dict
+
+    asset = Path(__file__).parent / "assets" / "retrieval_tiny"
+    stored = json.loads((asset / "config.json").read_text())
+    assert "decoder" not in stored["model"]
+    cfg = from_dict(RunConfig, stored)
+    assert cfg.model.decoder == ""
+    net, f0 = build_model(cfg.model)
+    assert isinstance(net.head, type(EmbeddingNet(_cfg(decoder="")).head))
+    state = torch.load(asset / "weights.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict(state["net"])          # strict: same keys, same shapes
+    with pytest.raises(RuntimeError):          # and the fpn network could not take them
+        build_model(replace(cfg.model, decoder="fpn"))[0].load_state_dict(state["net"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_export_of_both_heads(tmp_path):
+    """Both heads export with the simple op set (fpn adds only Conv, BN, Relu, Resize, Add)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    for decoder in ("", "fpn"):
+        torch.manual_seed(0)
+        net, clf = build_model(_cfg(decoder=decoder))
+        _randomize_bn(net)
+        model = SegmentationModel(net, clf).eval()
+        path = tmp_path / f"m{decoder}.onnx"
+        torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["phi", "logits"],
+                          dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}})
+        assert {n.op_type for n in onnx.load(str(path)).graph.node} <= _SIMPLE_OPS
+        x = torch.randn(1, 3, 96, 72)
+        with torch.no_grad():
+            phi_t, _ = model(x)
+        phi_o, _ = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"image": x.numpy()})
+        assert np.abs(phi_o - phi_t.numpy()).max() < 1e-4

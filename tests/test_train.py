@@ -166,6 +166,24 @@ def test_lr_schedule_warmup_and_poly():
     assert lr_at(t, cfg) == pytest.approx(3e-3 * (1 - t / 30000) ** 0.9)
 
 
+def test_lr_schedule_cosine():
+    """``train.schedule: cosine``: the same warm-up, then base * (1 + cos(pi t / T)) / 2; an
+    unknown schedule is a ConfigError naming the key."""
+    from dataclasses import replace
+
+    import math
+
+    cfg = preset("full", "resnet50", 21)
+    cos = replace(cfg, train=replace(cfg.train, schedule="cosine", iters=1000, warmup=100))
+    assert lr_at(0, cos) == pytest.approx(3e-4)
+    assert lr_at(500, cos) == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(999, cos) < 1e-7 < lr_at(900, cos)
+    assert lr_at(500, replace(cos, train=replace(cos.train, schedule="poly"))) == pytest.approx(
+        3e-3 * 0.5 ** 0.9)
+    with pytest.raises(ConfigError, match="train.schedule"):
+        lr_at(10, replace(cfg, train=replace(cfg.train, schedule="step")))
+
+
 def test_cli_bad_config_key_suggests_the_closest(scenes, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", str(scenes), "--out", str(tmp_path / "r"), "--set", "loss.lamda_a=2"])

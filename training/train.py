@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -38,10 +39,21 @@ CONFIG = "config.json"
 LOG = "train_log.jsonl"
 
 
+SCHEDULES = ("poly", "cosine")
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Spec 6: poly 0.9 decay with linear warm-up over the first ``warmup`` steps."""
+    """Spec 6: poly 0.9 decay with linear warm-up over the first ``warmup`` steps;
+    ``train.schedule: cosine`` decays as ``(1 + cos(pi t/T)) / 2`` instead (same warm-up)."""
     t, T, base = step, max(cfg.train.iters, 1), cfg.train.lr
-    lr = base * (1.0 - min(t, T - 1) / T) ** 0.9
+    schedule = getattr(cfg.train, "schedule", "poly")
+    if schedule == "cosine":
+        lr = base * 0.5 * (1.0 + math.cos(math.pi * min(t, T - 1) / T))
+    elif schedule == "poly":
+        lr = base * (1.0 - min(t, T - 1) / T) ** 0.9
+    else:
+        raise ConfigError(f"unknown train.schedule '{schedule}'",
+                          fix=f"use one of {', '.join(SCHEDULES)}")
     if t < cfg.train.warmup:
         lr = min(base * (0.1 * (1 - t / cfg.train.warmup) + t / cfg.train.warmup), lr)
     return lr
