@@ -154,9 +154,21 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     except SystemExit as exc:  # pragma: no cover - main exits only on errors
         assert exc.code == 0
     out = capsys.readouterr().out
-    assert "SPML, points" in out and "partial CE" in out
+    assert "SPML, points" in out and "partial CE" in out and "full-mask CE (reference)" in out
     res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert 0 <= res["spml_miou"] <= 100 and 0 <= res["pce_miou"] <= 100
+    assert 0 <= res["ce_miou"] <= 100 and set(res["f0_miou"]) == {"spml", "pce", "ce"}
+    # a fair comparison: every run has the same budget, and SPML and the partial CE baseline
+    # the same stages (pseudo labels of every training image, f1 with the same iterations)
+    runs = tmp_path / "demo" / "runs"
+    cfgs = {r.name: json.loads((r / "config.json").read_text())["train"] for r in runs.iterdir()}
+    assert set(cfgs) == {"spml-points", "pce-points", "ce-full"}
+    assert len({(c["iters"], c["lr"], c["batch"], c["classifier_iters"], c["seed"])
+                for c in cfgs.values()}) == 1
+    assert [cfgs[n]["baseline"] for n in ("spml-points", "pce-points", "ce-full")] == ["", "pce", "ce"]
+    for name in ("spml-points", "pce-points"):
+        assert set(torch.load(runs / name / "weights.pt", weights_only=True)) == {"net", "f0", "f1"}
+        assert len(list((runs / name / "pseudo").glob("*.png"))) == 6
     assert len(list((tmp_path / "demo" / "segment-val" / "labels").glob("*.png"))) == 2
     assert len(list((tmp_path / "demo" / "segment-val" / "overlays").glob("*.png"))) == 2
 

@@ -151,11 +151,20 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(scenes, tmp_path, monke
 
 
 def test_pce_baseline_trains_end_to_end(scenes, tmp_path):
+    """The partial cross-entropy baseline trains with cross-entropy only, then goes through the
+    same stages as SPML (pseudo labels of every training image, f1, prototype memory), so the
+    two are compared with the same stages; the full-mask baseline stops after its network."""
     run = tmp_path / "pce"
     train(scenes, "points", run, overrides=_overrides(baseline="pce"), progress=False)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert all("CE" in r and "L_A" not in r for r in log if "loss" in r)
-    assert set(load_weights(run / "weights.pt")) == {"net", "f0"}
+    assert set(load_weights(run / "weights.pt")) == {"net", "f0", "f1"}
+    assert len(list((run / "pseudo").glob("*.png"))) == 6
+    assert {"memory", "memory_index"} <= set(read_manifest(run).files)
+    full = tmp_path / "ce"
+    train(scenes, "full", full, overrides=_overrides(baseline="ce"), progress=False)
+    assert set(load_weights(full / "weights.pt")) == {"net", "f0"}
+    assert not (full / "pseudo").exists()
 
 
 def test_lr_schedule_warmup_and_poly():

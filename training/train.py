@@ -4,8 +4,9 @@ One step (spec sections 3-6): embeddings of a batch of augmented crops, per-imag
 k-means, segments split by (cluster, weak label, region), the four relationship losses against
 the current segments and the memory bank, plus the cross-entropy of the classifier f0 trained on
 detached embeddings (``compat.joint_classifier``). Baselines: ``pce`` trains the same network
-and classifier end to end with cross-entropy on the labelled pixels of the weak labels only;
-``ce`` does the same with the full masks.
+and classifier end to end with cross-entropy on the labelled pixels of the weak labels only,
+then goes through the same pseudo-label and final-classifier stages as SPML; ``ce`` trains end
+to end on the full masks and stops there.
 
 The run folder holds ``config.json`` (resolved), ``checkpoint.pt`` (weights + optimizer + step,
 for ``--resume``), ``weights.pt`` (weights only), ``train_log.jsonl`` and ``spml.json``.
@@ -57,6 +58,14 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     if t < cfg.train.warmup:
         lr = min(base * (0.1 * (1 - t / cfg.train.warmup) + t / cfg.train.warmup), lr)
     return lr
+
+
+def has_final_stages(cfg: RunConfig) -> bool:
+    """Whether a run goes on after the embedding with pseudo labels, the final classifier and
+    the prototype memory: SPML and the partial cross-entropy baseline (so that the two are
+    compared with the same stages), not the full-mask baseline, whose labels need no pseudo
+    labels; ``train.classifier_iters = 0`` turns the stages off."""
+    return cfg.train.baseline != "ce" and cfg.train.classifier_iters > 0
 
 
 def backbone_lr_mult(cfg: RunConfig) -> float:
@@ -361,7 +370,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
         atomic_torch_save(trainer.state(step), out / CHECKPOINT)
     weights = {"net": trainer.net.state_dict(), "f0": trainer.f0.state_dict()}
     extra: dict[str, str] = {}
-    if not cfg.train.baseline and cfg.train.classifier_iters > 0:
+    if has_final_stages(cfg):
         # Pseudo labels -> f1 (f2 for tags) -> prototype memory; each stage resumable.
         from spml_deploy.training.pseudo import CLASSIFIER, finish_run
 
