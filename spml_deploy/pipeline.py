@@ -68,6 +68,7 @@ def preprocess(image: np.ndarray, pp: PreprocessConfig) -> tuple[np.ndarray, Pre
 def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
                   device: torch.device | str = "cpu",
                   resized: list[tuple[np.ndarray, Prepared]] | None = None,
+                  resize_on_device: bool = False,
                   ) -> tuple[torch.Tensor, list[Prepared]]:
     """A batch of RGB uint8 images (any sizes) -> the network input on ``device``, + metas.
 
@@ -77,9 +78,13 @@ def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
     as uint8 (a quarter of the bytes; pinned memory on CUDA); the normalisation runs there, with
     the same float32 operations in the same order as :func:`preprocess`. ``resized``: the
     images' :func:`resize_for_network` results when the caller already has them (a batch job
-    resizes in its reader threads).
+    resizes in its reader threads). ``resize_on_device`` (without ``resized``): the original
+    images go to the device as uint8 and are resized there (:func:`_prepare_on_device`; no
+    float work on the host at all; values within a few grey levels of the host resize).
     """
     device = torch.device(device)
+    if resize_on_device and resized is None:
+        return _prepare_on_device(images, pp, device)
     if resized is None:
         resized = [resize_for_network(im, pp) for im in images]
     elif len(resized) != len(images):
@@ -99,6 +104,52 @@ def prepare_batch(images: list[np.ndarray], pp: PreprocessConfig,
     prepped = [p for _, p in resized]
     inside = valid_cells(prepped, ph, pw, device, stride=1)                    # [B, PH, PW]
     return x.masked_fill_(~inside[:, None], 0.0), prepped
+
+
+def _prepare_on_device(images: list[np.ndarray], pp: PreprocessConfig,
+                       device: torch.device) -> tuple[torch.Tensor, list[Prepared]]:
+    """:func:`prepare_batch` with the resizing on ``device``: each original uint8 image is
+    copied there (pinned, non-blocking on CUDA) and resized with the filters of
+    :func:`resize_for_network` -- area averaging when shrinking (the exact pixel-overlap
+    weights of OpenCV's ``INTER_AREA``, applied as two small matrix products), bilinear with
+    half-pixel centres when enlarging -- then rounded to whole grey levels as OpenCV's uint8
+    output is, and normalised. OpenCV's fixed-point arithmetic makes a grey level of difference
+    here and there, which ``tests/test_prepare_device.py`` bounds."""
+    metas = []
+    for im in images:
+        h, w = im.shape[:2]
+        metas.append(Prepared((h, w), *target_size(h, w, pp)))
+    ph = max(m.padded_hw[0] for m in metas)
+    pw = max(m.padded_hw[1] for m in metas)
+    consts = _small_tensor([list(pp.mean), list(pp.std), [pp.scale] * 3], torch.float32, device)
+    mean, std = consts[0].view(3, 1, 1), consts[1].view(3, 1, 1)
+    x = torch.zeros((len(images), 3, ph, pw), dtype=torch.float32, device=device)
+    for i, (im, m) in enumerate(zip(images, metas)):
+        u = torch.from_numpy(np.ascontiguousarray(im, np.uint8))
+        if device.type == "cuda":
+            u = u.pin_memory()
+        u = u.to(device, non_blocking=True).permute(2, 0, 1)[None].float()    # [1, 3, H, W]
+        (rh, rw), (h, w) = m.resized_hw, m.orig_hw
+        if (rh, rw) != (h, w):
+            if rh < h:                                   # separable exact area weights
+                u = torch.einsum("oh,bchw,pw->bcop", _area_weights(h, rh, device), u,
+                                 _area_weights(w, rw, device))
+            else:
+                u = F.interpolate(u, size=(rh, rw), mode="bilinear", align_corners=False)
+            u = u.round_().clamp_(0.0, 255.0)
+        x[i, :, :rh, :rw] = u[0].mul_(consts[2, 0]).sub_(mean).div_(std)
+    return x, metas
+
+
+def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """[n_out, n_in] area-resampling weights for shrinking one axis: output cell ``i`` covers
+    input ``[i s, (i + 1) s)`` with ``s = n_in / n_out``; each input pixel weighs its overlap
+    with that interval, over ``s`` (rows sum to 1)."""
+    s = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64) * s
+    j = torch.arange(n_in, dtype=torch.float64)
+    overlap = torch.minimum(lo[:, None] + s, j[None] + 1) - torch.maximum(lo[:, None], j[None])
+    return (overlap.clamp_min(0.0) / s).to(device=device, dtype=torch.float32)
 
 
 def _small_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -308,13 +359,15 @@ class Pipeline:
         """First half of :meth:`predict`: preprocessing and the network (the backend call).
 
         ``resized``: :func:`resize_for_network` of every image with this pipeline's ``pp``, when
-        the caller resized them already (e.g. in reader threads). A batch job can run
+        the caller resized them already (e.g. in reader threads); without them, on CUDA the
+        images are resized on the device (``prepare_batch(resize_on_device=True)``). A batch job can run
         :meth:`finish` of one batch in a second thread while this runs for the next one
         (``forward`` calls must come from one thread, as must ``finish`` calls).
         """
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        xt, prepped = prepare_batch(images, self.pp, self.device, resized)
+        xt, prepped = prepare_batch(images, self.pp, self.device, resized,
+                                    resize_on_device=self.device.type == "cuda")
         t = self._tick(timings, "read+preprocess", t)
         phi, logits = self.backend(xt)
         self._tick(timings, "network", t)
