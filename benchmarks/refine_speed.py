@@ -154,8 +154,9 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float
           if args.device == "cpu" else []),
         "* Methods: `dense` the reference (6 squarings); `matvec` 64 products [C, N] x [N, N]; `topk` "
         "sparse top-32 (approximate); `cheb-dense` the certified Chebyshev walk with a dense affinity "
-        "in every regime; `auto` what `random_walk` picks (on CPU for N > 400: the Chebyshev walk, "
-        "`chebyshev-sparse` where a thresholded sparse affinity is certified and sparse enough).",
+        "in every regime; `auto` what `random_walk` picks (for N > 400: on CPU the Chebyshev walk, "
+        "`chebyshev-sparse` where a thresholded sparse affinity is certified and sparse enough; on "
+        "CUDA `matvec`, the whole batch in one walk within half the free memory).",
         "* Times are per image, median over rounds; `cpu s` is process CPU time (all threads). With one "
         "thread, CPU time is what the run costs when it has its core to itself (it excludes the time "
         "other jobs held the core), so the CPU-time speed-up is the steadier number here.",
