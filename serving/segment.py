@@ -6,8 +6,8 @@ same size as the input), optional ``overlays/<same name>.png``, ``results.jsonl`
 image) and ``failed.txt`` (path and reason). Two inputs that would write the same label map
 (``a.png`` and ``a.jpg`` of one folder) are refused before any work. Every file is written
 atomically; ``--skip-existing`` resumes an interrupted job without redoing finished images and
-restores the ``results.jsonl`` line of any finished label map that lacks one; a bad image is
-reported and the job goes on.
+restores the ``results.jsonl`` line of any finished label map that lacks one (and removes the
+temporary files of writes a kill cut short); a bad image is reported and the job goes on.
 
 Relative paths in a ``.txt`` list are resolved against the folder that holds the list.
 """
@@ -234,13 +234,22 @@ def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor, pp=No
         yield [f.result() for f in pending.pop(0)]
 
 
-def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
-                    overlay: bool = False, skip_existing: bool = False,
-                    progress: bool = True, only: list[str] | None = None) -> JobReport:
-    """Segment every image of ``source`` into ``out`` with ``pipeline`` (a core Pipeline).
+@dataclass
+class JobPlan:
+    """What a segment job has to do: the images still to segment, how many it names in all, and
+    the report so far (skipped images, restored results lines)."""
 
-    ``only``: optional list of file stems to keep (e.g. a dataset split).
-    """
+    todo: list[InputItem]
+    total: int
+    report: JobReport
+
+
+def plan_job(source: str | Path, out: Path, *, skip_existing: bool = False,
+             only: list[str] | None = None, class_names: list[str] | tuple = ()) -> JobPlan:
+    """List the images of ``source``, check the outputs (OUTPUT a folder, one label map per
+    input), create ``out`` and, with ``skip_existing``, set aside the images whose label map is
+    complete, restoring the ``results.jsonl`` line of any that lacks one (a job killed between
+    the two writes). ``only``: optional list of file stems to keep (e.g. a dataset split)."""
     out = Path(out)
     items = discover(source)
     if only is not None:
@@ -262,21 +271,54 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
             finished.append(it)
         else:
             todo.append(it)
+    results_path = out / "results.jsonl"
+    recorded = _recorded_labels(results_path)
+    lost = [it for it in finished if str(label_path(out, it.rel)) not in recorded
+            and os.path.abspath(label_path(out, it.rel)) not in recorded]
+    if lost:
+        with open(results_path, "a") as f:
+            for it in lost:
+                record = _record(out, it, read_label_png(label_path(out, it.rel)),
+                                 list(class_names), None)
+                f.write(json.dumps(record) + "\n")
+        report.recovered = len(lost)
+    sweep_partial_files(out)
+    return JobPlan(todo, len(items), report)
+
+
+def sweep_partial_files(out: Path) -> int:
+    """Remove the temporary files of atomic writes (``.<name>.<random>.tmp``) that a killed
+    process left under ``out/labels`` and ``out/overlays``; returns how many. Only for a job's
+    own OUTPUT folder, before or after its work (no other writer is then running)."""
+    removed = 0
+    for sub in ("labels", "overlays"):
+        for tmp in (out / sub).rglob(".*.tmp") if (out / sub).is_dir() else ():
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d partial file(s) left by an interrupted job in %s", removed, out)
+    return removed
+
+
+def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
+                    overlay: bool = False, skip_existing: bool = False,
+                    progress: bool = True, only: list[str] | None = None) -> JobReport:
+    """Segment every image of ``source`` into ``out`` with ``pipeline`` (a core Pipeline).
+
+    ``only``: optional list of file stems to keep (e.g. a dataset split).
+    """
+    out = Path(out)
+    plan = plan_job(source, out, skip_existing=skip_existing, only=only,
+                    class_names=list(getattr(pipeline, "class_names", [])))
+    report, todo = plan.report, plan.todo
     palette = pipeline.palette
     failed_lines: list[str] = []
     t_start = time.perf_counter()
-    results_path = out / "results.jsonl"
-    recorded = _recorded_labels(results_path)
-    results_f = open(results_path, "a")
-    # A job killed between writing a label map and its results.jsonl line: restore the line.
-    names = list(getattr(pipeline, "class_names", []))
-    for it in finished:
-        lab = label_path(out, it.rel)
-        if str(lab) not in recorded and os.path.abspath(lab) not in recorded:
-            results_f.write(json.dumps(_record(out, it, read_label_png(lab), names, None)) + "\n")
-            report.recovered += 1
-    results_f.flush()
-    bar = tqdm(total=len(items), initial=report.skipped, desc="segment", unit="img",
+    results_f = open(out / "results.jsonl", "a")
+    bar = tqdm(total=plan.total, initial=report.skipped, desc="segment", unit="img",
                disable=not progress, dynamic_ncols=True)
 
     def fail(group: list[tuple[InputItem, np.ndarray]], message: str) -> None:
