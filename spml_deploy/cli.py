@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,10 +71,14 @@ def data_check(dataset: Path, as_json: bool, deep: bool) -> None:
 
 @data.command("synth", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--n-train", default=200, show_default=True, help="Training images.")
-@click.option("--n-val", default=50, show_default=True, help="Validation images.")
-@click.option("--size", default=128, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True, help="Random seed (output is deterministic).")
+@click.option("--n-train", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Training images.")
+@click.option("--n-val", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Validation images.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Random seed (output is deterministic).")
 @click.option("--parts", is_flag=True, help="Figures made of look-alike parts told apart by layout "
               "(modelled on the paper's DensePose setting) instead of object scenes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset.")
@@ -96,7 +101,8 @@ def data_synth(out: Path, n_train: int, n_val: int, size: int, seed: int, parts:
 @click.option("--kind", "kinds", multiple=True, required=True,
               type=click.Choice(["points", "scribbles", "boxes", "tags"]),
               help="Annotation kind to derive from masks/ (repeatable).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Random seed of the derived points/scribbles.")
 @click.option("--replace", "replace_existing", is_flag=True,
               help="Drop existing annotations of the derived kinds first.")
 def data_weaken(dataset: Path, kinds: tuple[str, ...], seed: int, replace_existing: bool) -> None:
@@ -176,24 +182,34 @@ def _parse_set(values: tuple[str, ...]) -> dict:
               help="Network size; tiny trains on a CPU in minutes. The resnets start from "
                    "ImageNet weights with --set train.pretrained=imagenet (downloaded once into "
                    "the torch hub cache) or =/path/to/resnet50.pth (a torchvision state dict).")
-@click.option("--iters", type=int, help="Training iterations (preset: tiny 1200, resnets 30000).")
-@click.option("--batch", type=int, help="Images per iteration (preset per supervision, spec §8; tiny: 8).")
-@click.option("--crop", type=int, help="Training crop size, multiple of 8.")
-@click.option("--lr", type=float, help="Base learning rate (preset: tiny 0.03 from scratch, resnets 3e-3).")
+@click.option("--iters", type=click.IntRange(min=1),
+              help="Embedding training iterations (preset: tiny 1200, resnets 30000). The final "
+                   "classifier then trains for train.classifier_iters more (SPML runs only).")
+@click.option("--batch", type=click.IntRange(min=1),
+              help="Images per iteration (preset per supervision, spec §8; tiny: 8).")
+@click.option("--crop", type=click.IntRange(min=8), help="Training crop size, multiple of 8.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Base learning rate (preset: tiny 0.03 from scratch, resnets 3e-3).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (same step, same schedule).")
-@click.option("--seed", type=int, help="Random seed.")
-@click.option("--val-every", type=int, help="Score f0 on the val split every N steps (needs masks).")
+@click.option("--seed", type=click.IntRange(min=0), help="Random seed.")
+@click.option("--val-every", type=click.IntRange(min=0),
+              help="Score f0 on the val split every N steps (needs masks; 0 = only at the end).")
 @click.option("--baseline", type=click.Choice(["pce", "ce"]),
               help="Train a baseline instead of SPML: pce = cross-entropy on the labelled pixels "
                    "of the weak labels; ce = cross-entropy on full masks.")
-@click.option("--workers", type=int, help="Data-loading worker processes.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Data-loading worker processes (0 = in the training process).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="torch CPU threads (default: torch's, one per core). Idle threads wait "
+                   "passively (OMP_WAIT_POLICY=PASSIVE unless set), so a busy shared machine "
+                   "slows training less; on 2 cores --threads 1 may still be faster.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value, e.g. --set loss.lambda_c=0.5 (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | None,
               preset_name: str, iters, batch, crop, lr, device, resume, seed, val_every, baseline,
-              workers, sets, quiet) -> None:
+              workers, threads, sets, quiet) -> None:
     """Learn SPML pixel embeddings (and the classifier f0) from DATASET's weak annotations.
 
     Values come from the preset for the supervision kind and network size (spec §8), then
@@ -202,6 +218,10 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
     """
     from spml_deploy.training.train import train
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     overrides = _parse_set(sets)
     tr = overrides.setdefault("train", {})
     for key, value in dict(iters=iters, batch=batch, crop=crop, lr=lr, seed=seed,
@@ -209,7 +229,8 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
         if value is not None:
             tr[key] = value
     result = train(dataset, supervision, out, preset_name=preset_name, config_file=config_file,
-                   overrides=overrides, device=device, resume=resume, progress=not quiet)
+                   overrides=overrides, device=device, resume=resume, progress=not quiet,
+                   echo=click.echo)
     click.echo(f"run written to {result['run']} ({result['steps']} steps)")
     if result.get("f0_val"):
         click.echo(f"val mIoU of f0 at step {result['f0_val']['step']}: "
@@ -277,10 +298,13 @@ def _torch_options(backend: str, device: str, precision: str, channels_last: boo
               help="DenseCRF post-processing at the input size (spec 7.5; slow, on the CPU). "
                    "Needs the optional package pydensecrf2: pip install pydensecrf2 (builds "
                    "from source with a C++ compiler, about a minute).")
-@click.option("--batch", default=4, show_default=True, help="Images per network call.")
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Images per network call.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--overlay", is_flag=True, help="Also write overlays/<path>.png (labels over image).")
-@click.option("--skip-existing", is_flag=True, help="Resume: skip images whose label map exists.")
+@click.option("--skip-existing", is_flag=True,
+              help="Resume: skip images whose label map exists (and restore their results.jsonl "
+                   "line if an interrupted run lost it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @torch_backend_options
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
@@ -289,10 +313,15 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
     \b
-    INPUT: a folder (searched recursively), a glob ('photos/**/*.jpg') or a .txt list of paths.
-    OUTPUT receives labels/<path>.png (palette PNG of class ids, input size), overlays/ with
-    --overlay, results.jsonl (per image: path, size, class areas, timings) and failed.txt
-    (unreadable images with the reason; the job carries on). Exit code 1 if any image failed.
+    INPUT: a folder (searched recursively), a glob ('photos/**/*.jpg') or a .txt list of paths
+    (one a line; relative paths are resolved against the folder holding the list).
+    OUTPUT (a folder) receives labels/<path>.png, <path> being the image's path below INPUT
+    without its extension (photos/a/b.jpg -> labels/a/b.png; palette PNG of class ids, input
+    size), overlays/ with --overlay, results.jsonl (per image: path, label, size, class areas,
+    timings) and failed.txt (unreadable images with the reason; the job carries on). Two images
+    that would share a label map (a.png and a.jpg of one folder) are refused before any work.
+    Exit code 1 if any image failed. Images above 100 Mpixel are refused as decompression
+    bombs; the environment variable SPML_MAX_PIXELS changes the limit.
     """
     from spml_deploy.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
@@ -330,14 +359,18 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
 @click.option("--half", is_flag=True, help="fp16 weights (L2 normalisation kept in fp32).")
 @click.option("--dynamic/--static", default=True, show_default=True,
               help="Dynamic batch, height and width axes.")
-@click.option("--imgsz", type=int, help="Export (and engine 'opt') input size; default the run's.")
-@click.option("--max-side", type=int,
+@click.option("--imgsz", type=click.IntRange(min=8),
+              help="Export (and engine 'opt') input size; default the run's.")
+@click.option("--max-side", type=click.IntRange(min=8),
               help="Deployed input size: every image is resized so its longest side is this "
                    "before the network (default the run's preprocess.max_side). Small objects "
                    "may need more than the training size.")
-@click.option("--opset", default=17, show_default=True, help="ONNX opset (17 or newer).")
-@click.option("--batch", default=1, show_default=True, help="Export batch (engine 'opt' batch).")
-@click.option("--workspace", default=4.0, show_default=True, help="TensorRT workspace in GiB.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(min=17),
+              help="ONNX opset (17 or newer).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Export batch (engine 'opt' batch).")
+@click.option("--workspace", default=4.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="TensorRT workspace in GiB.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim on the graph (needs onnxsim).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the parity checks.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file.")
@@ -702,6 +735,10 @@ def serve_cmd(model: Path, index_dir: Path | None, host: str, port: int, backend
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning user errors into a message and exit code 2."""
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads its OpenMP runtime,
+    # so before any command imports torch): on a busy or small shared CPU, spinning threads
+    # steal the cores the working ones need. An explicit setting of the user's wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli.main(args=argv, prog_name="spml-deploy", standalone_mode=False)
     except click.exceptions.Abort:

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +213,7 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     cfg = override(cfg, overrides, "config")
     if cfg.compat.official_loss_scale:
         cfg = apply_official_loss_scale(cfg)
+    check_train_values(cfg)
     if cfg.train.crop % 8:
         raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
                           fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
@@ -241,6 +242,61 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     return cfg
 
 
+# (key, smallest value, whether the smallest value itself is allowed) of train values that
+# --config and --set can change; the command-line options check the same at parse time.
+_TRAIN_MINIMA = (("iters", 1, True), ("batch", 1, True), ("crop", 8, True), ("lr", 0, False),
+                 ("workers", 0, True), ("val_every", 0, True), ("seed", 0, True),
+                 ("classifier_iters", 0, True), ("cam_iters", 0, True), ("warmup", 0, True),
+                 ("log_every", 1, True), ("ckpt_every", 1, True), ("weight_decay", 0, True),
+                 ("momentum", 0, True))
+
+
+def check_train_values(cfg: RunConfig) -> None:
+    """:class:`ConfigError` naming the key when a train value is out of its range."""
+    for key, low, closed in _TRAIN_MINIMA:
+        value = getattr(cfg.train, key)
+        if value < low or (value == low and not closed):
+            bound = f">= {low}" if closed else f"> {low}"
+            raise ConfigError(f"train.{key} = {value} is out of range: it must be {bound}",
+                              fix=f"set train.{key} to a value {bound} (--set train.{key}=..., "
+                                  "the --config file, or the matching option)")
+
+
+def _plan(cfg: RunConfig, n_images: int, label_kind: str, final: bool) -> str:
+    """The stages of a run and their budgets, printed before training starts; ``final``: the
+    run goes on with pseudo labels, the final classifier and the prototype memory."""
+    t = cfg.train
+    stages = []
+    if label_kind in ("tags", "boxes"):
+        stages.append(f"CAM classifier for the {label_kind}, {t.cam_iters} steps")
+    what = f"{t.baseline} baseline" if t.baseline else "SPML embedding"
+    stages.append(f"{what}, {t.iters} steps (batch {t.batch}, lr {t.lr:g})")
+    if final:
+        head = "f1 then f2" if label_kind == "tags" else "f1"
+        stages += ["pseudo labels", f"final classifier {head}, {t.classifier_iters} steps"
+                   + (" each" if label_kind == "tags" else ""), "prototype memory for kNN"]
+    return (f"training on {n_images} images; stages: "
+            + "; ".join(f"{i}) {x}" for i, x in enumerate(stages, 1)))
+
+
+def _train_records(dataset: Dataset, split: str) -> list:
+    """The training images; :class:`TrainingError` saying how to provide them when none."""
+    if not dataset.images:
+        raise TrainingError("the dataset has no images to train on", path=dataset.root,
+                            fix="add images and their entries in annotations.json "
+                                "('spml-deploy data check DATASET' shows what it holds)")
+    if split != "all" and split not in dataset.splits:
+        raise TrainingError(f"the dataset has no training images: splits/{split}.txt is "
+                            "missing", path=dataset.root,
+                            fix=f"list the training image stems in splits/{split}.txt, or train "
+                                "on every image with --set train.train_split=all")
+    records = dataset.split(split)
+    if not records:
+        raise TrainingError(f"the dataset has no training images: splits/{split}.txt is empty",
+                            path=dataset.root, fix=f"list the training image stems in it")
+    return records
+
+
 def evaluate_f0(net, f0, dataset: Dataset, split: str, cfg: RunConfig, device) -> dict[str, Any]:
     """mIoU of f0's predictions on a split with masks (same scoring code as ``spml-deploy eval``)."""
     from spml_deploy.data import load_mask
@@ -263,8 +319,11 @@ def evaluate_f0(net, f0, dataset: Dataset, split: str, cfg: RunConfig, device) -
 
 def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str = "tiny",
           config_file: Path | None = None, overrides: dict[str, Any] | None = None,
-          device: str = "cpu", resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train SPML embeddings (or a baseline) on ``dataset_root``; write the run folder ``out``."""
+          device: str = "cpu", resume: bool = False, progress: bool = True,
+          echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train SPML embeddings (or a baseline) on ``dataset_root``; write the run folder ``out``.
+
+    ``echo``: where to print the stages and their budgets (and the step a resume starts from)."""
     from spml_deploy.data import load_dataset
 
     from spml_deploy.training import distributed as dist_utils
@@ -292,6 +351,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
             raise ConfigError("the run folder already holds a run", path=out,
                               fix="pass --resume to continue it, or choose another --out")
         cfg = resolve_config(C, supervision, preset_name, config_file, overrides or {})
+    records = _train_records(dataset, cfg.train.train_split)
     if cfg.train.batch % info.world:
         raise ConfigError(f"batch {cfg.train.batch} is not divisible by the {info.world} processes",
                           fix=f"use --batch {cfg.train.batch // info.world * info.world or info.world}")
@@ -306,7 +366,9 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
                             fix=f"use --supervision with one of: {', '.join(_kinds(dataset))}")
 
     torch.manual_seed(cfg.train.seed)
-    records = dataset.split(cfg.train.train_split)
+    say = echo if (echo is not None and info.is_main) else log.info
+    say(_plan(cfg, len(records), label_kind,
+              final=not cfg.train.baseline and cfg.train.classifier_iters > 0))
     cams = None
     from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
 
@@ -322,9 +384,11 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     start = 0
     if resume and (out / CHECKPOINT).is_file():
         start = trainer.load_state(load_weights(out / CHECKPOINT))
-        log.info("resumed at step %d", start)
+        say(f"resuming from step {start} of {cfg.train.iters} ({out / CHECKPOINT})")
+    elif resume:
+        say(f"resuming: no {CHECKPOINT} yet, starting at step 0 of {cfg.train.iters}")
     if start >= cfg.train.iters:
-        log.info("run already complete (%d steps)", start)
+        say(f"embedding training already complete ({start} steps); finishing the later stages")
     tset = TrainSet(items, cfg, C, cfg.train.seed)
     sampler = StepSampler(len(items), cfg.train.batch, start, cfg.train.iters, cfg.train.seed,
                           rank=info.rank, world=info.world)
@@ -358,7 +422,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
                 last_val = {"step": step, "miou": scores["miou"]}
                 logf.write(json.dumps({"step": step, "val_miou": scores["miou"]}) + "\n")
                 logf.flush()
-                bar.write(f"step {step}: val mIoU {scores['miou']:.2f}")
+                bar.write(f"step {step}: val mIoU {100 * scores['miou']:.2f}")
                 trainer.train_mode()
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
                 atomic_torch_save(trainer.state(step), out / CHECKPOINT)
