@@ -33,6 +33,7 @@ from spml_deploy.artifacts import MANIFEST, Manifest, provenance, read_manifest,
 from spml_deploy.backends import (ENGINE_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES,
                                   OnnxRuntimeBackend, TensorRTBackend, TorchBackend)
 from spml_deploy.errors import ExportError, ManifestError, require
+from spml_deploy.imageio import make_temp_dir
 from spml_deploy.export.onnx_export import (as_hw, check_opset, default_imgsz, dynamic_axes,
                                             export_onnx, require_onnxsim)
 from spml_deploy.export.parity import format_parity, margin_tolerance, parity, parity_sizes
@@ -147,7 +148,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
     sizes = parity_sizes(hw) if dynamic else [hw]
     pbatch = batch + 1 if dynamic else batch       # another batch size: batch is dynamic too
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.", suffix=".partial")   # umask mode
     try:
         bundle = _bundle_manifest(run, run_dir)
         copied = _copy_run_files(run_dir, tmp, run)

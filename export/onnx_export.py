@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from spml_deploy.artifacts import Manifest, provenance
 from spml_deploy.backends import (FP32_NODES_METADATA_KEY, INPUT_NAME, ONNX_METADATA_KEY,
                                   OUTPUT_NAMES, load_segmentation_model)
 from spml_deploy.errors import ExportError, require
+from spml_deploy.imageio import make_temp_file
 from spml_deploy.model import INPUT_MULTIPLE, SegmentationModel, unit_normalize
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,8 @@ def export_onnx(run_dir: str | Path, out_path: str | Path, opset: int = MIN_OPSE
     x = torch.randn(batch, 3, h, w)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    fd, tmp = make_temp_file(out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)                               # (permissions of the user's umask, not 0600)
     try:
         with torch.no_grad():
             _torch_export(graph_model, x, tmp, opset, dynamic)

@@ -13,8 +13,11 @@ Conventions
   ``rgb * alpha / 255`` (rounded). The colour under a fully transparent pixel is often
   undefined, so compositing gives the same array whatever tool wrote the file.
 * Decompression bombs are refused before any pixel is decoded: the pixel count declared in the
-  header is compared with ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`, change it per call
-  or process-wide with :func:`set_max_pixels`).
+  header is compared with ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`, or the environment
+  variable ``SPML_MAX_PIXELS``; change it per call or process-wide with :func:`set_max_pixels`).
+* Files and folders created through temporary names (:func:`atomic_write_bytes`,
+  :func:`make_temp_dir`, :func:`make_temp_file`) get the permissions the user's umask gives a
+  plain ``open``/``mkdir``, not the owner-only ones of :mod:`tempfile`.
 * Label maps are single-channel PNGs (palette "P" or grayscale "L") holding class ids; 255
   means ignore / unlabeled. They are written atomically as palette PNGs.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from spml_deploy.errors import ImageReadError
+from spml_deploy.errors import ConfigError, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "set_max_pixels", "get_max_pixels", "read_image",
     "image_size", "read_label_png", "encode_label_png", "write_label_png", "default_palette",
     "atomic_write_bytes", "png_is_complete",
-    "atomic_write_text",
+    "atomic_write_text", "make_temp_dir", "make_temp_file", "current_umask", "MAX_PIXELS_ENV",
 ]
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -55,7 +58,8 @@ _ORIENT_OPS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_max_pixels = DEFAULT_MAX_PIXELS
+MAX_PIXELS_ENV = "SPML_MAX_PIXELS"
+_max_pixels: int | None = None          # None: SPML_MAX_PIXELS, else DEFAULT_MAX_PIXELS
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -69,8 +73,32 @@ def set_max_pixels(n: int) -> None:
 
 
 def get_max_pixels() -> int:
-    """The process-wide decompression-bomb limit in pixels."""
-    return _max_pixels
+    """The process-wide decompression-bomb limit in pixels: :func:`set_max_pixels`'s value, else
+    the environment variable ``SPML_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`."""
+    if _max_pixels is not None:
+        return _max_pixels
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        try:
+            value = int(float(raw))          # 2e8
+        except (ValueError, OverflowError):
+            value = 0
+    if value < 1:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive number of pixels",
+                          fix=f"unset it (default {DEFAULT_MAX_PIXELS:,}) or set e.g. "
+                              f"{MAX_PIXELS_ENV}=200000000")
+    return value
+
+
+def _limit_fix(explicit: bool) -> str:
+    if explicit:
+        return "downscale the image (the limit was set by the caller)"
+    return (f"downscale the image, or raise the limit with the environment variable "
+            f"{MAX_PIXELS_ENV} (e.g. {MAX_PIXELS_ENV}=400000000 spml-deploy ...)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +107,7 @@ def get_max_pixels() -> int:
 
 def _open(path: Path, max_pixels: int | None, min_side: int) -> Image.Image:
     """Open ``path`` lazily (header only) and check it before any pixel is decoded."""
-    limit = _max_pixels if max_pixels is None else int(max_pixels)
+    limit = get_max_pixels() if max_pixels is None else int(max_pixels)
     if not path.exists():
         raise ImageReadError("file not found", path=path,
                              fix="check the path (and file_name in annotations.json)")
@@ -97,9 +125,9 @@ def _open(path: Path, max_pixels: int | None, min_side: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"refused as a decompression bomb: {exc}", path=path,
-                             fix=f"images above {limit:,} pixels are refused; downscale it or "
-                                 "raise the limit (imageio.set_max_pixels)") from exc
+        raise ImageReadError(f"header declares more than the limit of {limit:,} pixels (refused "
+                             "before decoding as a possible decompression bomb)", path=path,
+                             fix=_limit_fix(max_pixels is not None)) from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError("not an image Pillow can read (unknown or corrupt header)",
                              path=path, fix="save it as PNG or JPEG") from exc
@@ -112,7 +140,7 @@ def _open(path: Path, max_pixels: int | None, min_side: int) -> Image.Image:
         raise ImageReadError(
             f"header declares {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "
             "(refused before decoding as a possible decompression bomb)", path=path,
-            fix="downscale the image, or raise the limit (imageio.set_max_pixels / max_pixels=)")
+            fix=_limit_fix(max_pixels is not None))
     if w < min_side or h < min_side:
         im.close()
         raise ImageReadError(f"image is {w}x{h}; both sides must be at least {min_side} pixels",
@@ -425,7 +453,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
                 f.flush()
                 os.fsync(f.fileno())
         # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -435,6 +463,36 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
             pass
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status`` on Linux; elsewhere
+    the umask at import time, as reading it there means setting it, which is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
+def make_temp_dir(parent: str | Path, prefix: str = "", suffix: str = "") -> Path:
+    """A new folder in ``parent`` (``tempfile.mkdtemp``) with the permissions a plain ``mkdir``
+    would give it (``0777 & ~umask``), for outputs built under a temporary name and renamed
+    into place; mkdtemp's own 0700 would make them private to their owner."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def make_temp_file(parent: str | Path, prefix: str = "", suffix: str = "") -> tuple[int, Path]:
+    """(open descriptor, path) of a new file in ``parent`` (``tempfile.mkstemp``) with the
+    permissions a plain ``open`` would give it (``0666 & ~umask``) instead of mkstemp's 0600."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, Path(name)
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

@@ -577,9 +577,10 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
         baseline = manifest.training.get("baseline")
         if baseline:
             raise ConfigError(f"--classifier knn needs a prototype memory, and this {baseline} "
-                              "baseline run has none (training a baseline stops after the "
-                              "network; only SPML runs build the memory)", path=folder,
-                              fix="use --classifier softmax, or train without --baseline for kNN")
+                              "baseline run has none (its training stopped after the network)",
+                              path=folder, fix="use --classifier softmax; for kNN, train a run "
+                              "that builds the memory (SPML: 'spml-deploy train' without "
+                              "--baseline)")
         raise ConfigError("--classifier knn needs a prototype memory (memory.npz), and this "
                           f"{'bundle' if manifest.kind == 'bundle' else 'run'} has none",
                           path=folder,
