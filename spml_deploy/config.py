@@ -184,6 +184,15 @@ TRAIN_SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "resnet50": dict(iters=30000, crop=512),
     "resnet101": dict(iters=30000, crop=512),
 }
+# Segmentation settings that depend on the image size. The random walk runs on the stride-8
+# grid: the spec's 6 squarings (64 steps) are meant for ~62x62 cells (500 px images); the tiny
+# preset's 128 px images give 16x16 cells, where 64 steps spread a class ~4x further across the
+# image and wash out small objects. 2 squarings (4 steps) keep the spec's spread relative to
+# the grid (steps ~ side^2: 64 * (16/62)^2 = 4); measured on the built-in scenes in
+# benchmarks/results/recipe_search.md.
+SEGMENTATION_SIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(rw_squarings=2),
+}
 
 
 def preset(supervision: str = "points", model: str = "tiny", num_classes: int = 2) -> RunConfig:
@@ -199,6 +208,7 @@ def preset(supervision: str = "points", model: str = "tiny", num_classes: int = 
     return RunConfig(
         model=ModelConfig(num_classes=num_classes, **MODEL_PRESETS[model]),
         loss=loss,
+        segmentation=SegmentationConfig(**SEGMENTATION_SIZE_PRESETS.get(model, {})),
         train=train,
     )
 
