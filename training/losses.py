@@ -273,9 +273,12 @@ def cuda_chunk_elements(device: torch.device) -> int:
 
 def fused_plan(device: torch.device, num_groups: int, batch: int) -> FusedPlan:
     """The :class:`FusedPlan` for ``batch`` problems with ``num_groups`` groups on ``device``:
-    on the CPU chunks of ``FUSED_CPU_CHUNK_ELEMENTS`` (cache-sized) and ``index_add_``; on CUDA
-    large chunks (:func:`cuda_chunk_elements`), one-hot matmul group sums, the bound shift and
-    group ranges; elsewhere ``MAX_CHUNK_ELEMENTS`` and the one-hot matmul."""
+    on the CPU chunks of ``FUSED_CPU_CHUNK_ELEMENTS`` (cache-sized), ``index_add_`` group sums;
+    on CUDA large chunks (:func:`cuda_chunk_elements`) and one-hot matmul group sums; on both
+    the bound shift and (one shared pool) group ranges, which made the co-occurrence term's
+    forward + backward 23-25 % faster on the 2-core development CPU
+    (``benchmarks/results/train_step_cpu.md``); elsewhere ``MAX_CHUNK_ELEMENTS`` and the
+    one-hot matmul."""
     if device.type == "cpu":
         return FusedPlan(FUSED_CPU_CHUNK_ELEMENTS, bound_shift=True,
                          group_ranges=batch == 1 and num_groups <= GROUP_RANGES_MAX)
@@ -304,8 +307,10 @@ class _Problem:
     """Per-call data of the fused primitive shared by its chunks (see grouped_contrastive_nll).
 
     Work matrices are segment-major, ``[B, P, c]`` for a chunk of ``c`` pixels: the per-pixel
-    reductions run over rows, group sums are row additions (``index_add_``) and the expansion
-    of per-(group, pixel) coefficients is a row gather (``index_select``).
+    reductions run over rows, group sums are row additions (``index_add_``) or a one-hot matmul,
+    and the per-(group, pixel) coefficients multiply the rows of each group: by a row gather
+    (``index_select``) into a second buffer, or, with ``ranges`` (segments sorted by group), in
+    place on each group's contiguous rows. ``plan``: see :class:`FusedPlan`.
     """
 
     def __init__(self, feat: Tensor, protos: Tensor, seg_group: Tensor, counts: Tensor,
