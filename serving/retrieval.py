@@ -260,13 +260,17 @@ def _index_api():
 def new_index(dim: int, index_type: str, options: dict[str, Any] | None = None):
     """An empty index of ``index_type`` (inner product on unit vectors, with ids): a FAISS
     ``PrototypeIndex`` (on the GPU when faiss-gpu sees one), or the exact brute-force
-    ``ExactIndex`` when FAISS is not installed."""
+    ``ExactIndex`` when FAISS is not installed; with ``options["shards"]`` > 1 a
+    ``ShardedIndex`` of such indexes (on several GPUs when faiss-gpu sees them)."""
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"unknown index type '{index_type}'",
                           fix=f"choose one of {', '.join(INDEX_TYPES)}")
     api = _index_api()
     opts = dict(options or {})
     opts.setdefault("use_gpu", api.gpu_available())
+    shards = int(opts.pop("shards", 1))
+    if shards > 1:
+        return api.ShardedIndex(dim, shards, index_type, **opts)
     return api.make_index(dim, index_type, **opts)
 
 
@@ -395,11 +399,14 @@ def _backend(model_path: str | Path, backend: Any, device: str, **backend_option
 def build_index(model_path: str | Path, images_source: str | Path, out_dir: str | Path,
                 index_type: str = "flat", backend: str = "torch", device: str = "cpu",
                 batch: int = 4, progress: bool = True, index_options: dict[str, Any] | None = None,
-                flip: bool = True, **backend_options: Any) -> IndexReport:
+                flip: bool = True, segmenter=None, **backend_options: Any) -> IndexReport:
     """Index every image of ``images_source`` (folder, glob or .txt list) into ``out_dir``.
 
     ``index_type``: flat (exact), ivf, ivfpq (trained on the collection's prototypes at the end
-    of the build), hnsw. ``index_options`` go to ``PrototypeIndex`` (e.g. nlist, nprobe, m).
+    of the build), hnsw. ``index_options`` go to ``PrototypeIndex`` (e.g. nlist, nprobe, m);
+    ``shards`` > 1 splits the index into that many shards (:class:`~spml_deploy.index.ShardedIndex`).
+    ``segmenter``: who segments the images (default: this process, :func:`local_segmenter`;
+    :func:`spml_deploy.serving.ray_job.ray_segmenter` for Ray workers).
     ``flip``: segment the flip-averaged embeddings (two network passes per image); stored in the
     index, so ``index add`` and every query embed the same way.
     Refuses a folder that already holds an index (extend it with :func:`add_to_index`).
@@ -436,15 +443,17 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
                 "mask_encoding": MASK_ENCODING,
                 "images_root": str(root),
             })
+            if segmenter is not None:
+                return _ingest(out, store, segmenter, items, progress)
             with _backend(folder, backend, device, **backend_options) as be:
-                return _ingest(out, store, be, manifest, items, batch, progress)
+                return _ingest(out, store, local_segmenter(be, manifest, batch), items, progress)
         finally:
             store.close()
 
 
 def add_to_index(index_dir: str | Path, images_source: str | Path,
                  model_path: str | Path | None = None, backend: Any = "torch",
-                 device: str = "cpu", batch: int = 4, progress: bool = True,
+                 device: str = "cpu", batch: int = 4, progress: bool = True, segmenter=None,
                  **backend_options: Any) -> IndexReport:
     """Add the images of ``images_source`` not yet indexed (same path) to ``index_dir``.
 
@@ -461,8 +470,20 @@ def add_to_index(index_dir: str | Path, images_source: str | Path,
         check_model(meta, manifest, folder)
         items = _discover(images_source)
         with _exclusive(index_dir):
+            if segmenter is not None:
+                return _ingest(index_dir, store, segmenter, items, progress)
             with _backend(folder, backend, device, **backend_options) as be:
-                return _ingest(index_dir, store, be, manifest, items, batch, progress)
+                return _ingest(index_dir, store, local_segmenter(be, manifest, batch), items,
+                               progress)
+    finally:
+        store.close()
+
+
+def index_model(index_dir: str | Path) -> Path:
+    """The model folder the index in ``index_dir`` was built with (kept in its store)."""
+    store = SegmentStore(Path(index_dir) / STORE_FILE)
+    try:
+        return Path(store.meta()["model_path"])
     finally:
         store.close()
 
@@ -518,15 +539,65 @@ def _discover(source: str | Path) -> list:
     return items
 
 
-def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items: list,
-            batch: int, progress: bool) -> IndexReport:
-    """Segment the new images of ``items`` into ``store`` (one transaction per batch), then
-    bring the FAISS index up to date (written once, at the end)."""
-    meta = store.meta()
-    grid = tuple(meta["test_grid"])
-    iters = int(meta["kmeans_iters"])
-    flip = stored_flip(meta)
-    root = meta.get("images_root")
+@dataclass(frozen=True)
+class IngestSettings:
+    """How the images of one index are segmented (from its stored meta)."""
+
+    grid: tuple[int, int]
+    kmeans_iters: int
+    flip: bool
+    images_root: str | None
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> "IngestSettings":
+        return cls(tuple(meta["test_grid"]), int(meta["kmeans_iters"]), stored_flip(meta),
+                   meta.get("images_root"))
+
+
+# A segmenter turns the images still to index into ImageRecords, batch by batch: it yields, per
+# batch, (records of the images segmented, (path, reason) of those that failed, images handled).
+Segmented = tuple[list[ImageRecord], list[tuple[str, str]], int]
+
+
+def records_of(settings: IngestSettings, be, manifest: Manifest, items: Sequence,
+               images: Sequence[np.ndarray]) -> list[ImageRecord]:
+    """The store records of ``images`` (decoded, of ``items``): k-means segments of the
+    (flip-averaged) embeddings on the index's grid, with prototype, class, box, area and mask."""
+    segs = segment_images(be, manifest.preprocess, images, settings.grid, settings.kmeans_iters,
+                          manifest.num_classes, settings.flip)  # type: ignore[arg-type]
+    records = []
+    for it, im, seg in zip(items, images, segs):
+        path = it.path.resolve()
+        records.append(ImageRecord(
+            str(path), _relative_name(path, settings.images_root, it.rel), seg.width, seg.height,
+            seg.boxes, seg.areas, seg.class_ids, seg.masks, seg.vectors, content_hash(im)))
+    return records
+
+
+def local_segmenter(be, manifest: Manifest, batch: int):
+    """The segmenter of one process: reader threads one batch ahead, the network here."""
+    def segment(todo: list, settings: IngestSettings) -> Iterator[Segmented]:
+        with ThreadPoolExecutor(max_workers=2) as readers:
+            for group in _batches(todo, max(1, int(batch)), readers):
+                good = [r for r in group if r.error is None]
+                failed = [(str(r.item.path), r.error) for r in group if r.error is not None]
+                records: list[ImageRecord] = []
+                if good:
+                    try:
+                        records = records_of(settings, be, manifest, [r.item for r in good],
+                                             [r.image for r in good])
+                    except SpmlError as exc:          # e.g. an image too large for the engine
+                        failed += [(str(r.item.path), exc.message) for r in good]
+                yield records, failed, len(group)
+    return segment
+
+
+def _ingest(index_dir: Path, store: SegmentStore, segmenter, items: list,
+            progress: bool) -> IndexReport:
+    """Segment the new images of ``items`` into ``store`` (one transaction per batch) with
+    ``segmenter`` (:func:`local_segmenter`, or the Ray one), then bring the FAISS index up to
+    date (written once, at the end)."""
+    settings = IngestSettings.of(store.meta())
     t0 = time.perf_counter()
     report = IndexReport(index_dir=str(index_dir))
     known = store.image_paths()
@@ -540,33 +611,14 @@ def _ingest(index_dir: Path, store: SegmentStore, be, manifest: Manifest, items:
     bar = tqdm(total=len(items), initial=report.skipped_images, desc="index", unit="img",
                disable=not progress, dynamic_ncols=True)
     try:
-        with ThreadPoolExecutor(max_workers=2) as readers:
-            for group in _batches(todo, max(1, int(batch)), readers):
-                good = []
-                for r in group:
-                    if r.error is None:
-                        good.append((r.item, r.image))
-                    else:
-                        report.failed.append((str(r.item.path), r.error))
-                if good:
-                    try:
-                        segs = segment_images(be, manifest.preprocess, [im for _, im in good],
-                                              grid, iters, manifest.num_classes,  # type: ignore[arg-type]
-                                              flip)
-                    except SpmlError as exc:          # e.g. an image too large for the engine
-                        report.failed += [(str(it.path), exc.message) for it, _ in good]
-                        bar.update(len(group))
-                        continue
-                    records = []
-                    for (it, im), s in zip(good, segs):
-                        path = it.path.resolve()
-                        records.append(ImageRecord(
-                            str(path), _relative_name(path, root, it.rel), s.width, s.height,
-                            s.boxes, s.areas, s.class_ids, s.masks, s.vectors, content_hash(im)))
+        if todo:
+            for records, failed, handled in segmenter(todo, settings):
+                report.failed += failed
+                if records:
                     ids = store.add_images(records)
                     report.added_images += len(records)
                     report.added_segments += int(ids.size)
-                bar.update(len(group))
+                bar.update(handled)
     finally:
         bar.close()
         if report.failed:

@@ -277,6 +277,27 @@ def _torch_options(backend: str, device: str, precision: str, channels_last: boo
     return torch_options(device, precision, channels_last, compile_)
 
 
+def ray_options(f):
+    """--ray [ADDRESS], --ray-workers and --ray-cpus (the job on a Ray cluster)."""
+    f = click.option("--ray-cpus", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="CPUs (torch threads) per Ray worker.")(f)
+    f = click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+                     help="Model replicas on Ray (default: the cluster's GPUs with --device "
+                          "cuda, else its CPUs / --ray-cpus).")(f)
+    return click.option(
+        "--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+        metavar="[ADDRESS]",
+        help="Run on Ray (pip install 'spml-deploy[ray]'): --ray alone starts a local Ray "
+             "instance; --ray ADDRESS joins a cluster (host:6379, or 'auto' on one of its "
+             "machines; the model and images must be at the same paths on every machine). One "
+             "model replica per GPU with --device cuda, else one per --ray-cpus CPUs.")(f)
+
+
+def _ray_kwargs(ray_address: str, ray_workers: int | None, ray_cpus: int) -> dict:
+    return dict(address=None if ray_address == "local" else ray_address, workers=ray_workers,
+                cpus_per_worker=ray_cpus)
+
+
 @cli.command("segment", context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("input", type=str)
@@ -306,10 +327,12 @@ def _torch_options(backend: str, device: str, precision: str, channels_last: boo
               help="Resume: skip images whose label map exists (and restore their results.jsonl "
                    "line if an interrupted run lost it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@ray_options
 @torch_backend_options
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
                 knn_search: str, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
-                quiet: bool, **torch_opts) -> None:
+                quiet: bool, ray_address: str | None, ray_workers: int | None, ray_cpus: int,
+                **torch_opts) -> None:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
     \b
@@ -322,22 +345,38 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     that would share a label map (a.png and a.jpg of one folder) are refused before any work.
     Exit code 1 if any image failed. Images above 100 Mpixel are refused as decompression
     bombs; the environment variable SPML_MAX_PIXELS changes the limit.
+    With --ray the same job runs as a Ray Data pipeline, with the same outputs, resume and
+    failed.txt.
     """
     from spml_deploy.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
 
-    pipe = load_pipeline(model, backend=backend, device=device,
-                         **_torch_options(backend, device, **torch_opts),
-                         options=PipelineOptions(classifier=classifier, refine=refine, crf=crf,
-                                                 knn_search=knn_search))
-    try:
-        report = run_segment_job(pipe, input, output, batch=batch, overlay=overlay,
-                                 skip_existing=skip_existing, progress=not quiet)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished images are complete; rerun with --skip-existing", err=True)
-        sys.exit(130)
-    finally:
-        pipe.close()
+    options = PipelineOptions(classifier=classifier, refine=refine, crf=crf, knn_search=knn_search)
+    backend_options = _torch_options(backend, device, **torch_opts)
+    if ray_address is not None:
+        from spml_deploy.serving.ray_job import run_segment_job_ray
+
+        try:
+            report = run_segment_job_ray(
+                model, input, output, **_ray_kwargs(ray_address, ray_workers, ray_cpus),
+                batch=batch, overlay=overlay, skip_existing=skip_existing, progress=not quiet,
+                backend=backend, device=device, options=options, **backend_options)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished images are complete; rerun with --skip-existing",
+                       err=True)
+            sys.exit(130)
+    else:
+        pipe = load_pipeline(model, backend=backend, device=device, options=options,
+                             **backend_options)
+        try:
+            report = run_segment_job(pipe, input, output, batch=batch, overlay=overlay,
+                                     skip_existing=skip_existing, progress=not quiet)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished images are complete; rerun with --skip-existing",
+                       err=True)
+            sys.exit(130)
+        finally:
+            pipe.close()
     click.echo(report.format())
     click.echo(f"label maps in {output / 'labels'}" + (f", overlays in {output / 'overlays'}"
                                                        if overlay else ""))
@@ -503,6 +542,17 @@ def _index_options(nlist: int | None, nprobe: int | None, ef_search: int | None)
             if v is not None}
 
 
+def _index_segmenter(model: Path | str, ray_address: str | None, ray_workers: int | None,
+                     ray_cpus: int, batch: int, backend: str, device: str):
+    """None (the build segments in this process) or the Ray segmenter of --ray."""
+    if ray_address is None:
+        return None
+    from spml_deploy.serving.ray_job import ray_segmenter
+
+    return ray_segmenter(model, **_ray_kwargs(ray_address, ray_workers, ray_cpus), batch=batch,
+                         backend=backend, device=device)
+
+
 @cli.group("index", context_settings=CONTEXT)
 def index_group() -> None:
     """Segment index of an image collection, for 'spml-deploy query' and 'serve --index'."""
@@ -530,11 +580,17 @@ def index_group() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1),
               help="Images per network call.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the FAISS index into this many shards by segment id (files "
+                   "prototypes.shard-S-of-N.npz; on several GPUs with faiss-gpu); queries merge "
+                   "their results, the same hits as one index for flat.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@ray_options
 def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int | None,
                 nprobe: int | None, ef_search: int | None, flip: bool, backend: str, device: str,
-                batch: int, as_json: bool, quiet: bool) -> None:
+                batch: int, shards: int, as_json: bool, quiet: bool, ray_address: str | None,
+                ray_workers: int | None, ray_cpus: int) -> None:
     """Index every image of IMAGES with MODEL (a run folder or bundle) into --out.
 
     \b
@@ -549,10 +605,15 @@ def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int
     """
     from spml_deploy.serving.retrieval import build_index
 
+    options = _index_options(nlist, nprobe, ef_search)
+    if shards > 1:
+        options["shards"] = shards
     try:
         report = build_index(model, images, out, index_type=index_type, backend=backend,
                              device=device, batch=batch, progress=not quiet,
-                             index_options=_index_options(nlist, nprobe, ef_search), flip=flip)
+                             index_options=options, flip=flip,
+                             segmenter=_index_segmenter(model, ray_address, ray_workers, ray_cpus,
+                                                        batch, backend, device))
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are stored; complete the index with "
                    f"'spml-deploy index add {out} {images}'", err=True)
@@ -575,19 +636,23 @@ def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int
               help="Images per network call.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@ray_options
 def index_add(index_dir: Path, images: str, model: Path | None, backend: str, device: str,
-              batch: int, as_json: bool, quiet: bool) -> None:
+              batch: int, as_json: bool, quiet: bool, ray_address: str | None,
+              ray_workers: int | None, ray_cpus: int) -> None:
     """Add the images of IMAGES that INDEX_DIR does not hold yet (same path = already indexed).
 
     Rerunning an interrupted 'index build' or 'index add' with the same IMAGES resumes it.
     Images below the folder given to 'index build' are named relative to it, others relative
     to IMAGES.
     """
-    from spml_deploy.serving.retrieval import add_to_index
+    from spml_deploy.serving.retrieval import add_to_index, index_model
 
     try:
+        segmenter = _index_segmenter(model or index_model(index_dir), ray_address, ray_workers,
+                                     ray_cpus, batch, backend, device)
         report = add_to_index(index_dir, images, model_path=model, backend=backend,
-                              device=device, batch=batch, progress=not quiet)
+                              device=device, batch=batch, progress=not quiet, segmenter=segmenter)
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are stored; rerun the same command to resume",
                    err=True)

@@ -707,10 +707,10 @@ class ShardedIndex:
 
     @property
     def ids(self) -> np.ndarray:
-        """Stored ids, shard by shard [ntotal]."""
+        """Stored ids in increasing order [ntotal] (shards hold them interleaved)."""
         if not self.shards:
             return np.zeros(0, np.int64)
-        return np.concatenate([s.ids for s in self.shards])
+        return np.sort(np.concatenate([s.ids for s in self.shards]))
 
     @property
     def is_trained(self) -> bool:
@@ -740,10 +740,10 @@ class ShardedIndex:
         if not self.shards:
             self.train(v)
         owner = new_ids % self.num_shards
-        for s, shard in enumerate(self.shards):
-            rows = np.flatnonzero(owner == s)
-            if rows.size:
-                shard.add(v[rows], new_ids[rows])
+        parts = [(shard, np.flatnonzero(owner == s)) for s, shard in enumerate(self.shards)]
+        parts = [(shard, rows) for shard, rows in parts if rows.size]
+        with ThreadPoolExecutor(max_workers=max(1, len(parts))) as pool:   # filled in parallel
+            list(pool.map(lambda part: part[0].add(v[part[1]], new_ids[part[1]]), parts))
 
     def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` inner products over all shards: (scores [Q, k'], ids [Q, k']),
