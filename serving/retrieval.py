@@ -279,11 +279,23 @@ def _load_index(path: Path):
     return api.load_index(path, use_gpu=api.gpu_available())
 
 
-def _fill(index, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Add ``vectors`` with ``ids`` to ``index``, training it first when it is new."""
-    if hasattr(index, "train") and not index.is_trained:
-        index.train(vectors)
-    index.add(vectors, ids)
+FILL_CHUNK = 1 << 18      # segments read from the store and added to the index at a time
+TRAIN_SAMPLE = 1 << 20    # most vectors a new ivf/ivfpq structure is trained on
+
+
+def _fill(index, store: SegmentStore, start: int, stop: int, dim: int) -> None:
+    """Add the store's segments ``start <= id < stop`` to ``index``, ``FILL_CHUNK`` at a time
+    (memory stays bounded for any collection). A new index is first trained once, on an even
+    sample of at most ``TRAIN_SAMPLE`` of them (every shard of a sharded index gets that
+    structure)."""
+    if not index.is_trained:
+        step = max(1, -(-(stop - start) // TRAIN_SAMPLE))
+        sample = [store.vectors(a, min(stop, a + FILL_CHUNK), dim)[1][(start - a) % step::step]
+                  for a in range(start, stop, FILL_CHUNK)]
+        index.train(np.concatenate(sample), n_total=stop - start)
+    for a in range(start, stop, FILL_CHUNK):
+        ids, vecs = store.vectors(a, min(stop, a + FILL_CHUNK), dim)
+        index.add(vecs, ids)
 
 
 def sync_index(index_dir: Path, store: SegmentStore, save: bool = True, warn_lag: bool = True):
@@ -315,8 +327,7 @@ def sync_index(index_dir: Path, store: SegmentStore, save: bool = True, warn_lag
     if index is None:
         index = new_index(dim, meta["index_type"], meta.get("index_options"))
     if have < n:
-        ids, vecs = store.vectors(have, n, dim)
-        _fill(index, ids, vecs)
+        _fill(index, store, have, n, dim)
         if save:
             try:
                 index.save(path)           # atomic: temporary file + os.replace

@@ -339,7 +339,7 @@ class ExactIndex:
     def is_trained(self) -> bool:
         return True  # nothing to train: same interface as PrototypeIndex
 
-    def train(self, vectors: ArrayLike) -> None:
+    def train(self, vectors: ArrayLike, n_total: int | None = None) -> None:
         """No-op (brute force needs no training); checks the vectors like :meth:`add`."""
         _check_unit(_vectors(vectors, self.dim, "vectors"), "vectors")
 
@@ -472,7 +472,7 @@ class PrototypeIndex:
         divisors = [m for m in range(1, self.dim + 1) if self.dim % m == 0]
         return min(divisors, key=lambda m: (abs(m - self.dim / 4), m))
 
-    def _create(self, n: int) -> Any:
+    def _create(self, n: int, n_total: int | None = None) -> Any:
         faiss, d, p = self._faiss, self.dim, self.params
         ip = faiss.METRIC_INNER_PRODUCT
         if self.index_type == "flat":
@@ -482,7 +482,7 @@ class PrototypeIndex:
             index.hnsw.efConstruction = int(p["ef_construction"])
             index.hnsw.efSearch = int(p["ef_search"])
             return index
-        nlist = p["nlist"] or int(4 * math.sqrt(n))
+        nlist = p["nlist"] or int(4 * math.sqrt(max(n, n_total or 0)))
         nlist = max(1, min(int(nlist), n // 39 if n >= 39 else 1))
         p["nlist"] = nlist
         p["nprobe"] = int(p["nprobe"] or max(16, nlist // 32))
@@ -517,13 +517,15 @@ class PrototypeIndex:
             return
         self.on_gpu = True
 
-    def train(self, vectors: ArrayLike) -> None:
-        """Create the structure and train it (ivf / ivfpq k-means) on unit vectors [n, dim]."""
+    def train(self, vectors: ArrayLike, n_total: int | None = None) -> None:
+        """Create the structure and train it (ivf / ivfpq k-means) on unit vectors [n, dim].
+        ``n_total``: the size of the collection when ``vectors`` is a sample of it (``nlist``
+        follows the collection; the sample bounds it to 39 training vectors per list)."""
         if self._index is not None:
             raise ValueError("the index is already built; train() must come before the first add()")
         v = _vectors(vectors, self.dim, "vectors")
         _check_unit(v, "vectors")
-        index = self._create(v.shape[0])
+        index = self._create(v.shape[0], n_total)
         if not index.is_trained:
             index.train(v)
         if self.index_type == "ivfpq" and int(self.params["rerank"]) > 0:
@@ -716,12 +718,13 @@ class ShardedIndex:
     def is_trained(self) -> bool:
         return bool(self.shards)
 
-    def train(self, vectors: ArrayLike) -> None:
-        """Build the structure on unit vectors [n, dim] and give every shard a copy of it."""
+    def train(self, vectors: ArrayLike, n_total: int | None = None) -> None:
+        """Build the structure on unit vectors [n, dim] (a sample of ``n_total``, see
+        :meth:`PrototypeIndex.train`) and give every shard a copy of it."""
         if self.shards:
             raise ValueError("the index is already built; train() must come before the first add()")
         first = make_index(self.dim, self.index_type, use_gpu=self._use_gpu, **self._kwargs)
-        first.train(vectors)
+        first.train(vectors, n_total)
         if isinstance(first, ExactIndex):
             self.shards = [first] + [ExactIndex(self.dim) for _ in range(self.num_shards - 1)]
             return

@@ -1,5 +1,6 @@
-"""index build with --shards and with --ray: the same store and the same hits as the
-single-process, single-index build (flat, small scale); a local Ray instance of 2 CPUs."""
+"""Scale-out indexes: index build with --shards and with --ray give the same store and hits as
+the single-process, single-index build (flat, small scale; a local Ray instance of 2 CPUs), and
+the FAISS index is filled from the store in bounded chunks after one training on a sample."""
 from __future__ import annotations
 
 import shutil
@@ -94,3 +95,38 @@ def test_shards_and_ray_give_the_single_process_index(setup):
             assert db.execute("select count(*) from images").fetchone()[0] == 8
     finally:
         ray.shutdown()
+
+
+def test_index_filled_in_chunks_and_trained_on_a_sample(setup, monkeypatch):
+    """The FAISS index is filled from the store a chunk at a time, and a new ivf index is
+    trained once on an even sample, with nlist following the whole collection."""
+    root, run, src = setup
+    one = root / "one"
+    if not (one / "segments.sqlite").exists():
+        R.build_index(run, src, one, progress=False)
+    store = R.SegmentStore(one / "segments.sqlite")
+    try:
+        n, dim = store.count(), int(store.meta()["embed_dim"])
+        monkeypatch.setattr(R, "FILL_CHUNK", 100)
+        monkeypatch.setattr(R, "TRAIN_SAMPLE", 300)
+        flat = R.new_index(dim, "flat")
+        R._fill(flat, store, 0, n, dim)
+        ids, vecs = store.vectors(0, n, dim)
+        np.testing.assert_array_equal(flat.ids, ids)
+        q = vecs[::50]
+        truth = R.new_index(dim, "flat")
+        truth.add(vecs, ids)
+        for a, b in zip(flat.search(q, 5), truth.search(q, 5)):
+            np.testing.assert_array_equal(a, b)
+        trained = []
+        ivf = R.new_index(dim, "ivf", {"shards": 2})
+        original = ShardedIndex.train
+        monkeypatch.setattr(ShardedIndex, "train", lambda self, v, n_total=None: (
+            trained.append((len(v), n_total)), original(self, v, n_total))[1])
+        R._fill(ivf, store, 0, n, dim)
+        assert trained == [(len(vecs[::-(-n // 300)]), n)]     # one training, on the sample
+        assert ivf.ntotal == n and np.array_equal(ivf.ids, ids)
+        nlist = ivf.shards[0].params["nlist"]
+        assert nlist == min(int(4 * np.sqrt(n)), trained[0][0] // 39)
+    finally:
+        store.close()
