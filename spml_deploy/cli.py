@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -151,6 +152,14 @@ def eval_cmd(pred_dir: Path, dataset: Path, split: str, json_out: Path | None,
 # train
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--device``: cpu, cuda or cuda:N, checked when the command line is parsed."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"'{value}' is not a device: use cpu, cuda or cuda:N",
+                                 ctx=ctx, param=param)
+    return value
+
+
 def _parse_set(values: tuple[str, ...]) -> dict:
     """``--set section.key=value`` pairs -> nested dict (values parsed as YAML scalars/lists)."""
     import yaml
@@ -190,7 +199,8 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 @click.option("--crop", type=click.IntRange(min=8), help="Training crop size, multiple of 8.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
               help="Base learning rate (preset: tiny 0.03 from scratch, resnets 3e-3).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (same step, same schedule).")
 @click.option("--seed", type=click.IntRange(min=0), help="Random seed.")
 @click.option("--val-every", type=click.IntRange(min=0),
@@ -232,10 +242,10 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
                    overrides=overrides, device=device, resume=resume, progress=not quiet,
                    echo=click.echo)
     click.echo(f"run written to {result['run']} ({result['steps']} steps)")
-    if result.get("f0_val"):
+    if (result.get("f0_val") or {}).get("miou") is not None:     # None: a split without masks
         click.echo(f"val mIoU of f0 at step {result['f0_val']['step']}: "
                    f"{100 * result['f0_val']['miou']:.2f}")
-    if result.get("val") and "classifier" in result["val"]:
+    if result.get("val") and "classifier" in result["val"] and result["val"]["miou"] is not None:
         click.echo(f"val mIoU of the final classifier ({result['val']['classifier']}): "
                    f"{100 * result['val']['miou']:.2f}")
 
@@ -321,7 +331,8 @@ def _ray_kwargs(ray_address: str, ray_workers: int | None, ray_cpus: int) -> dic
                    "from source with a C++ compiler, about a minute).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1),
               help="Images per network call.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="cpu, cuda or cuda:N.")
 @click.option("--overlay", is_flag=True, help="Also write overlays/<path>.png (labels over image).")
 @click.option("--skip-existing", is_flag=True,
               help="Resume: skip images whose label map exists (and restore their results.jsonl "
@@ -411,7 +422,8 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
 @click.option("--workspace", default=4.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="TensorRT workspace in GiB.")
 @click.option("--simplify", is_flag=True, help="Run onnxsim on the graph (needs onnxsim).")
-@click.option("--device", default="cpu", show_default=True, help="Device for the parity checks.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="Device for the parity checks (cpu, cuda or cuda:N).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report.")

@@ -422,7 +422,8 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
                 last_val = {"step": step, "miou": scores["miou"]}
                 logf.write(json.dumps({"step": step, "val_miou": scores["miou"]}) + "\n")
                 logf.flush()
-                bar.write(f"step {step}: val mIoU {100 * scores['miou']:.2f}")
+                if scores["miou"] is not None:      # None: no masks in the val split
+                    bar.write(f"step {step}: val mIoU {100 * scores['miou']:.2f}")
                 trainer.train_mode()
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
                 atomic_torch_save(trainer.state(step), out / CHECKPOINT)
