@@ -56,4 +56,4 @@ else:
             else:
                 lab = pseudo._walk_to_labels(probs, passes, prep, pseudo._present(weak, C, dev), c)
             m.update(lab, gt)
-        print(f"pseudo labels (points, f0 of the CE model), squarings {sq}: train mIoU {100*m.scores(ds.class_names).miou:.1f}", flush=True)
+        print(f"pseudo labels (points, f0 of the run), squarings {sq}: train mIoU {100*m.scores(ds.class_names).miou:.1f}", flush=True)
