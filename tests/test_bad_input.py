@@ -283,8 +283,12 @@ def _png_bomb(path: Path, w: int, h: int) -> None:
 
 
 @pytest.mark.parametrize("side", [12000, 60000])   # above our limit only / above Pillow's too
-def test_decompression_bomb_message_has_one_limit_and_a_cli_fix(tmp_path, side):
+def test_decompression_bomb_message_has_one_limit_and_a_cli_fix(tmp_path, side, monkeypatch):
+    from spml_deploy import imageio
     from spml_deploy.imageio import DEFAULT_MAX_PIXELS, read_image
+
+    monkeypatch.setattr(imageio, "_max_pixels", None)
+    monkeypatch.delenv("SPML_MAX_PIXELS", raising=False)
 
     _png_bomb(tmp_path / "bomb.png", side, side)
     with pytest.raises(SpmlError) as exc:
@@ -297,7 +301,10 @@ def test_decompression_bomb_message_has_one_limit_and_a_cli_fix(tmp_path, side):
 
 
 def test_max_pixels_environment_variable(tmp_path, monkeypatch):
+    from spml_deploy import imageio
     from spml_deploy.imageio import read_image
+
+    monkeypatch.setattr(imageio, "_max_pixels", None)     # no process-wide set_max_pixels
 
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
     monkeypatch.setenv("SPML_MAX_PIXELS", "1999")
@@ -310,7 +317,11 @@ def test_max_pixels_environment_variable(tmp_path, monkeypatch):
         read_image(tmp_path / "a.png")
 
 
-def test_segment_failed_txt_says_how_to_raise_the_limit(run, tmp_path):
+def test_segment_failed_txt_says_how_to_raise_the_limit(run, tmp_path, monkeypatch):
+    from spml_deploy import imageio
+
+    monkeypatch.setattr(imageio, "_max_pixels", None)
+    monkeypatch.delenv("SPML_MAX_PIXELS", raising=False)
     src = _images(tmp_path / "in", ["a.png"])
     _png_bomb(src / "bomb.png", 60000, 60000)
     report = run_segment_job(load_pipeline(run), src, tmp_path / "out", progress=False)
