@@ -433,3 +433,28 @@ def test_device_is_checked_at_parse_time(tmp_path, capsys, command):
     args = [str(tmp_path / a) if a in ("X", "Y") else a for a in command]
     code, err = _cli([*args, "--device", "gpu0"], capsys)
     assert code == 2 and "Invalid value for '--device'" in err and "cuda:N" in err
+
+
+def test_sigkill_then_resume_gives_one_record_per_label_map(run, tmp_path):
+    """The real thing: SIGKILL a segment process mid-job, resume with --skip-existing."""
+    import signal
+    import time
+
+    src = _images(tmp_path / "in", [f"im{i:03d}.png" for i in range(40)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "spml_deploy.cli", "segment", str(run),
+                             str(src), str(out), "--batch", "1", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "labels").glob("*.png"))) >= 10:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    report = run_segment_job(load_pipeline(run), src, out, skip_existing=True, progress=False)
+    assert report.done + report.skipped == 40
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["label"]).name for r in records) == [f"im{i:03d}.png" for i in range(40)]
