@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spml_deploy.artifacts import MANIFEST, Manifest, read_manifest, sha256_file
+from spml_deploy.artifacts import MANIFEST, Manifest, model_folder, read_manifest, sha256_file
 from spml_deploy.config import PreprocessConfig, SegmentationConfig
 from spml_deploy.errors import ConfigError, SpmlError
 from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
@@ -72,11 +72,6 @@ class QueryError(SpmlError):
 
 # --------------------------------------------------------------------------------------------
 # the model side: embeddings -> segments with prototypes, classes, boxes, masks
-
-
-def model_folder(path: str | Path) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
 
 
 def model_fingerprint(manifest: Manifest) -> str:

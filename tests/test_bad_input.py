@@ -248,6 +248,20 @@ def test_mistyped_model_path_is_named(tmp_path, capsys, monkeypatch, typed):
     assert first.startswith(f"error: {typed}: ") and "does not exist" in first
 
 
+@pytest.mark.parametrize("command", [["index", "build", "{model}", "{src}", "--out", "idx"],
+                                     ["serve", "{model}"]])
+def test_mistyped_model_path_is_named_by_index_and_serve(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    src = _images(tmp_path / "in", ["a.png"])
+    args = [a.format(model="runs/nonexist", src=src) for a in command]
+    code, err = _cli(args, capsys)
+    assert code == 2
+    named = [ln for ln in err.splitlines() if "runs/nonexist" in ln]
+    assert named and "does not exist" in named[0] and "Traceback" not in err
+    assert not (tmp_path / "idx").exists()
+
+
 def test_mistyped_model_path_in_the_backend_loader(tmp_path):
     from spml_deploy.backends import load_backend
 
