@@ -11,17 +11,7 @@ from spml_deploy.errors import ManifestError
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _faiss_single_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-def unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+from test_index import _faiss_single_thread, unit  # noqa: E402,F401  (the fixture is autouse)
 
 
 def clustered(n: int, d: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
