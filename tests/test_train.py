@@ -274,3 +274,21 @@ def test_cam_supervisions_run_every_stage(scenes, tmp_path, supervision):
             if supervision == "boxes" or folder.name.endswith("-walk"):
                 assert set(np.unique(lab).tolist()) <= {0, *rec.tags}, (folder, rec.stem)
     assert json.loads((run / "config.json").read_text())["train"]["crf"] == crf
+
+
+def test_full_mask_baseline_dropout():
+    """train.ce_dropout sets f0's dropout in the full-mask baseline only (the tiny preset: 0, its
+    f0 is the network's own output layer); SPML's f0 and the partial baseline keep
+    model.classifier_dropout, and a stored config without the key (-1) keeps it too."""
+    from dataclasses import replace
+
+    from spml_deploy.training.train import Trainer
+
+    cfg = preset("full", "tiny", 4)
+    assert cfg.train.ce_dropout == 0.0 and cfg.model.classifier_dropout == 0.75
+    p = {b: Trainer(replace(cfg, train=replace(cfg.train, baseline=b)), 4,
+                    torch.device("cpu")).f0.dropout.p for b in ("", "pce", "ce")}
+    assert p == {"": 0.75, "pce": 0.75, "ce": 0.0}
+    old = replace(cfg, train=replace(cfg.train, baseline="ce", ce_dropout=-1.0))
+    assert Trainer(old, 4, torch.device("cpu")).f0.dropout.p == 0.75
+    assert preset("full", "resnet50", 4).train.ce_dropout < 0

@@ -126,6 +126,9 @@ class Trainer:
 
         self.cfg, self.C, self.device = cfg, num_classes, device
         self.net, self.f0 = build_model(cfg.model, pretrained=cfg.train.pretrained or None)
+        ce_dropout = getattr(cfg.train, "ce_dropout", -1.0)
+        if cfg.train.baseline == "ce" and ce_dropout >= 0:
+            self.f0.dropout.p = ce_dropout       # f0 is the network's output layer here
         self.module = TrainModule(self.net, self.f0, detach=not cfg.train.baseline).to(device)
         self.ddp = self.module
         if distributed:
@@ -367,8 +370,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
 
     torch.manual_seed(cfg.train.seed)
     say = echo if (echo is not None and info.is_main) else log.info
-    say(_plan(cfg, len(records), label_kind,
-              final=not cfg.train.baseline and cfg.train.classifier_iters > 0))
+    say(_plan(cfg, len(records), label_kind, final=has_final_stages(cfg)))
     cams = None
     from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
 
