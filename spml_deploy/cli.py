@@ -500,33 +500,36 @@ def benchmark_cmd(path: Path, backends: list[str] | None, imgsz: int, batch: int
 @click.option("--out", type=click.Path(path_type=Path), default=Path("spml-demo"), show_default=True,
               help="Folder for the scenes, runs, label maps and overlays (re-running resumes).")
 @click.option("--n-train", default=demo_defaults.DEMO_TRAIN, show_default=True,
-              help="Training scenes to generate.")
+              type=click.IntRange(min=1), help="Training scenes to generate.")
 @click.option("--n-val", default=demo_defaults.DEMO_VAL, show_default=True,
-              help="Validation scenes (scored with their masks).")
+              type=click.IntRange(min=1), help="Validation scenes (scored with their masks).")
 @click.option("--iters", default=demo_defaults.DEMO_ITERS, show_default=True,
-              help="Embedding training iterations (both runs).")
+              type=click.IntRange(min=1), help="Embedding training iterations (every run).")
 @click.option("--lr", default=demo_defaults.DEMO_LR, show_default=True,
-              help="Base learning rate (both runs).")
+              type=click.FloatRange(min=0, min_open=True), help="Base learning rate (every run).")
 @click.option("--classifier-iters", default=demo_defaults.DEMO_CLASSIFIER_ITERS, show_default=True,
-              help="Iterations of the final classifier f1.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the scenes and both runs.")
+              type=click.IntRange(min=1),
+              help="Iterations of the final classifier f1 (SPML and partial CE).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the scenes and every run.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, lr: float, classifier_iters: int,
              seed: int, device: str, quiet: bool) -> None:
     """The main job end to end on the built-in scenes (minutes on 2 CPU cores).
 
-    Generates scenes, trains SPML from point labels (tiny preset) and, at the same time in a
-    second process, the partial cross-entropy baseline on the same points with the same network
-    and budget; then segments the validation images and prints both mIoU scores with the
-    location of the label maps and overlays. Re-running with the same --out continues.
+    Generates scenes and trains three runs of the tiny network with the same recipe and budget:
+    SPML from point labels, the partial cross-entropy baseline on the same points, and
+    cross-entropy on the full masks as a reference. SPML and the partial baseline then go
+    through the same stages (pseudo labels, final classifier f1, prototype memory). Every run
+    segments the validation images; the demo prints each run's mIoU with the location of the
+    label maps and overlays. Re-running with the same --out continues.
     """
     from spml_deploy.demo import run_demo
 
     run_demo(out, n_train=n_train, n_val=n_val, iters=iters, lr=lr,
              classifier_iters=classifier_iters, seed=seed, device=device, echo=click.echo,
              progress=not quiet)
-
 
 
 # --------------------------------------------------------------------------------------------

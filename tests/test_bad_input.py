@@ -472,3 +472,11 @@ def test_sigkill_then_resume_gives_one_record_per_label_map(run, tmp_path):
     assert report.done + report.skipped == 40
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(Path(r["label"]).name for r in records) == [f"im{i:03d}.png" for i in range(40)]
+
+
+@pytest.mark.parametrize("args", [["--iters", "0"], ["--n-val", "0"], ["--lr", "-1"],
+                                  ["--classifier-iters", "0"], ["--seed", "-2"]])
+def test_demo_options_are_checked_when_parsed(tmp_path, capsys, args):
+    code, err = _cli(["demo", "--out", str(tmp_path / "d"), *args], capsys)
+    assert code == 2 and args[0] in err
+    assert not (tmp_path / "d").exists()
