@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from spml_deploy.artifacts import read_manifest
+from spml_deploy.artifacts import model_folder, read_manifest
 from spml_deploy.backends import ENGINE_FILE, KINDS, ONNX_FILE, Backend, load_backend
 from spml_deploy.errors import ExportError, SpmlError
 from spml_deploy.model import count_flops
@@ -58,7 +58,7 @@ DEFAULT_BACKENDS = KINDS
 
 def available_backends(path: str | Path, device: str) -> tuple[list[str], dict[str, str]]:
     """The backends that can run ``path`` on ``device`` here, and why each other one cannot."""
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    folder = model_folder(path)
     cuda = torch.device(device).type == "cuda"
     usable, missing = ["torch"], {}
     if importlib.util.find_spec("onnxruntime") is None:
