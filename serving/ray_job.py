@@ -20,6 +20,7 @@ end, as the local build does (an interrupted build is completed by ``index add``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -68,6 +69,50 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def on_ray(address: str | None, num_cpus: int | None = None) -> Iterator[Any]:
+    """The ``ray`` module, connected (:func:`connect`), with Ray Data's own progress bars and
+    info logs off (the jobs have theirs); a Ray instance started here is shut down after."""
+    started = connect(address, num_cpus)
+    ray = _ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _rows(todo: list[InputItem]) -> list[dict[str, str]]:
+    """Ray Data rows of the images to process (``listed_in`` kept for the not-found message)."""
+    return [{"path": str(it.path), "rel": it.rel,
+             "listed_in": str(it.listed_in) if it.listed_in is not None else ""} for it in todo]
+
+
+def _items(batch: dict[str, np.ndarray]) -> list[InputItem]:
+    """The :class:`InputItem` of each row of a batch (the inverse of :func:`_rows`)."""
+    return [InputItem(Path(p), str(r), Path(str(lst)) if str(lst) else None)
+            for p, r, lst in zip(batch["path"], batch["rel"], batch["listed_in"])]
+
+
+def _map_on_actors(ray, todo: list[InputItem], worker: type, ctor: dict[str, Any], *,
+                   workers: int | None, cpus_per_worker: int, batch: int, device: str):
+    """``map_batches`` of ``worker`` (built with ``ctor``) over the rows of ``todo``, ``batch``
+    rows a call, on a pool of actors: ``workers`` of them (default: one per GPU of the cluster
+    on CUDA, else its CPUs / ``cpus_per_worker``), never more than there are batches."""
+    gpu = torch.device(device).type == "cuda"
+    if workers is None:
+        cluster = ray.cluster_resources()
+        workers = int(cluster.get("GPU", 0)) if gpu else int(cluster.get("CPU", 1)) // cpus_per_worker
+    rows = _rows(todo)
+    blocks = max(1, -(-len(rows) // batch))
+    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        worker, fn_constructor_kwargs=ctor, batch_size=batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(int(workers), blocks))),
+        num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0)
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What each actor needs to build its model replica and write its outputs."""
@@ -94,33 +139,29 @@ class SegmentWorker:
                                   options=spec.options, **spec.backend_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        items = [InputItem(Path(p), str(r)) for p, r in zip(batch["path"], batch["rel"])]
         pp = getattr(self.pipe, "pp", None)
-        reads = [_read(it, pp) for it in items]
-        rows: dict[str, dict[str, Any]] = {}
-        for r in reads:
-            rows[r.item.rel] = {"error": r.error or "", "record": "",
-                                "read_s": float(r.seconds), "stages": "{}"}
-        good = [r for r in reads if r.error is None]
+        reads = [_read(it, pp) for it in _items(batch)]
+        errors = [r.error or "" for r in reads]
+        records, stages = [""] * len(reads), ["{}"] * len(reads)
+        good = [i for i, r in enumerate(reads) if r.error is None]
         if good:
             try:
-                staged = self.pipe.forward([r.image for r in good],
-                                           [r.resized for r in good] if pp is not None else None)
+                staged = self.pipe.forward([reads[i].image for i in good],
+                                           [reads[i].resized for i in good] if pp is not None else None)
                 outputs = self.pipe.finish(staged)
             except SpmlError as exc:
-                for r in good:
-                    rows[r.item.rel]["error"] = exc.message
+                for i in good:
+                    errors[i] = exc.message
             else:
                 share = {k: v / len(good) for k, v in staged.timings.items()}
-                for r, res in zip(good, outputs):
+                for i, res in zip(good, outputs):
+                    r = reads[i]
                     record, write_s = _write(self.out, r.item, r.image, res, self.pipe.palette,
                                              self.spec.overlay)
-                    rows[r.item.rel]["record"] = json.dumps(record)
-                    rows[r.item.rel]["stages"] = json.dumps({**share, "write": write_s})
-        order = [it.rel for it in items]
-        return {"path": [str(it.path) for it in items], "rel": order,
-                **{key: [rows[rel][key] for rel in order]
-                   for key in ("error", "record", "read_s", "stages")}}
+                    records[i] = json.dumps(record)
+                    stages[i] = json.dumps({**share, "write": write_s})
+        return {"path": [str(r.item.path) for r in reads], "error": errors, "record": records,
+                "read_s": [float(r.seconds) for r in reads], "stages": stages}
 
     def __del__(self) -> None:  # pragma: no cover - actor teardown
         pipe = getattr(self, "pipe", None)
@@ -152,55 +193,37 @@ def run_segment_job_ray(model: str | Path, source: str | Path, out: Path, *,
     manifest = read_manifest(model_folder(model), verify=True)
     plan = plan_job(source, out, skip_existing=skip_existing, class_names=list(manifest.classes))
     report = plan.report
-    started = connect(address, num_cpus)
-    ray = _ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False   # the job has its own bar
-    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+    spec = WorkerSpec(str(model), str(out), backend, device, options, dict(backend_options),
+                      overlay, cpus_per_worker)
+    failed_lines: list[str] = []
     t_start = time.perf_counter()
+    bar = tqdm(total=plan.total, initial=report.skipped, desc="segment (ray)", unit="img",
+               disable=not progress, dynamic_ncols=True)
     try:
-        gpu = torch.device(device).type == "cuda"
-        cluster = ray.cluster_resources()
-        if workers is None:
-            workers = int(cluster.get("GPU", 0)) if gpu else int(cluster.get("CPU", 1)) // cpus_per_worker
-        workers = max(1, int(workers))
-        spec = WorkerSpec(str(model), str(out), backend, device, options, dict(backend_options),
-                          overlay, cpus_per_worker)
-        failed_lines: list[str] = []
-        bar = tqdm(total=plan.total, initial=report.skipped, desc="segment (ray)", unit="img",
-                   disable=not progress, dynamic_ncols=True)
-        try:
-            if plan.todo:
-                rows = [{"path": str(it.path), "rel": it.rel} for it in plan.todo]
-                blocks = max(1, -(-len(rows) // batch))
-                ds = ray.data.from_items(rows, override_num_blocks=blocks)
-                result = ds.map_batches(
-                    SegmentWorker, fn_constructor_kwargs={"spec": spec}, batch_size=batch,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=min(workers, blocks)),
-                    num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0)
-                with open(out / "results.jsonl", "a") as results_f:
-                    for row in result.iter_rows():
-                        report.stages["read+preprocess"] += float(row["read_s"])
-                        if row["record"]:
-                            results_f.write(row["record"] + "\n")
-                            results_f.flush()
-                            for key, v in json.loads(row["stages"]).items():
-                                report.stages[key] += v
-                            report.done += 1
-                        else:
-                            failed_lines.append(f"{row['path']}\t{row['error']}")
-                            report.failed += 1
-                        bar.update(1)
-        finally:
-            bar.close()
-            if failed_lines:
-                with open(out / "failed.txt", "a") as f:
-                    f.write("\n".join(failed_lines) + "\n")
+        if plan.todo:
+            with on_ray(address, num_cpus) as ray, open(out / "results.jsonl", "a") as results_f:
+                result = _map_on_actors(ray, plan.todo, SegmentWorker, {"spec": spec},
+                                        workers=workers, cpus_per_worker=cpus_per_worker,
+                                        batch=batch, device=device)
+                for row in result.iter_rows():
+                    report.stages["read+preprocess"] += float(row["read_s"])
+                    if row["record"]:
+                        results_f.write(row["record"] + "\n")
+                        results_f.flush()
+                        for key, v in json.loads(row["stages"]).items():
+                            report.stages[key] += v
+                        report.done += 1
+                    else:
+                        failed_lines.append(f"{row['path']}\t{row['error']}")
+                        report.failed += 1
+                    bar.update(1)
     finally:
+        bar.close()
+        if failed_lines:
+            with open(out / "failed.txt", "a") as f:
+                f.write("\n".join(failed_lines) + "\n")
         sweep_partial_files(out)   # an actor killed mid-write leaves its temporary file
         report.seconds = time.perf_counter() - t_start
-        if started:
-            ray.shutdown()
     return report
 
 
@@ -221,21 +244,21 @@ class IndexWorker:
         self.be = self._backend.__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        items = [InputItem(Path(p), str(r)) for p, r in zip(batch["path"], batch["rel"])]
-        reads = [_read(it) for it in items]
-        out = {it.rel: (b"", r.error or "") for it, r in zip(items, reads)}
-        good = [r for r in reads if r.error is None]
+        reads = [_read(it) for it in _items(batch)]
+        errors = [r.error or "" for r in reads]
+        records = [b""] * len(reads)
+        good = [i for i, r in enumerate(reads) if r.error is None]
         if good:
             try:
-                records = records_of(self.settings, self.be, self.manifest,
-                                     [r.item for r in good], [r.image for r in good])
+                done = records_of(self.settings, self.be, self.manifest,
+                                  [reads[i].item for i in good], [reads[i].image for i in good])
             except SpmlError as exc:
-                out.update({r.item.rel: (b"", exc.message) for r in good})
+                for i in good:
+                    errors[i] = exc.message
             else:
-                out.update({r.item.rel: (pickle.dumps(rec), "") for r, rec in zip(good, records)})
-        return {"path": [str(it.path) for it in items],
-                "record": [out[it.rel][0] for it in items],
-                "error": [out[it.rel][1] for it in items]}
+                for i, rec in zip(good, done):
+                    records[i] = pickle.dumps(rec)
+        return {"path": [str(r.item.path) for r in reads], "record": records, "error": errors}
 
     def __del__(self) -> None:  # pragma: no cover - actor teardown
         ctx = getattr(self, "_backend", None)
@@ -249,38 +272,17 @@ def ray_segmenter(model: str | Path, *, address: str | None = None, workers: int
     """A segmenter for :func:`spml_deploy.serving.retrieval.build_index` / ``add_to_index``
     that runs on Ray (arguments as :func:`run_segment_job_ray`): the images are read, embedded
     and segmented by the actors; the driver receives the records ``batch`` images at a time."""
-    def segment(todo: list, settings: IngestSettings):
-        started = connect(address, num_cpus)
-        ray = _ray()
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
-        try:
-            yield from _ray_records(ray, todo, settings, str(model), workers, cpus_per_worker,
-                                    batch, backend, device, backend_options)
-        finally:
-            if started:
-                ray.shutdown()
+    def segment(todo: list, settings: IngestSettings) -> Iterator[Segmented]:
+        ctor = dict(model=str(model), backend=backend, device=device,
+                    backend_options=dict(backend_options), settings=settings,
+                    threads=cpus_per_worker)
+        with on_ray(address, num_cpus) as ray:
+            result = _map_on_actors(ray, todo, IndexWorker, ctor, workers=workers,
+                                    cpus_per_worker=cpus_per_worker, batch=batch, device=device)
+            for part in result.iter_batches(batch_size=batch, batch_format="numpy"):
+                found = [len(r) > 0 for r in part["record"]]
+                records = [pickle.loads(bytes(r)) for r, ok in zip(part["record"], found) if ok]
+                failed = [(str(p), str(e)) for p, e, ok in zip(part["path"], part["error"], found)
+                          if not ok]
+                yield records, failed, len(found)
     return segment
-
-
-def _ray_records(ray, todo: list, settings: IngestSettings, model: str, workers: int | None,
-                 cpus_per_worker: int, batch: int, backend: str, device: str,
-                 backend_options: dict[str, Any]) -> Iterator[Segmented]:
-    gpu = torch.device(device).type == "cuda"
-    cluster = ray.cluster_resources()
-    if workers is None:
-        workers = int(cluster.get("GPU", 0)) if gpu else int(cluster.get("CPU", 1)) // cpus_per_worker
-    rows = [{"path": str(it.path), "rel": it.rel} for it in todo]
-    blocks = max(1, -(-len(rows) // batch))
-    result = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        IndexWorker, fn_constructor_kwargs=dict(model=model, backend=backend, device=device,
-                                                backend_options=dict(backend_options),
-                                                settings=settings, threads=cpus_per_worker),
-        batch_size=batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(int(workers), blocks))),
-        num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0)
-    for part in result.iter_batches(batch_size=batch, batch_format="numpy"):
-        records = [pickle.loads(bytes(r)) for r in part["record"] if len(r)]
-        failed = [(str(p), str(e)) for p, r, e in zip(part["path"], part["record"], part["error"])
-                  if not len(r)]
-        yield records, failed, len(part["path"])

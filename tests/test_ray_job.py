@@ -171,3 +171,15 @@ def test_cli_segment_ray_writes_the_local_jobs_outputs(cluster, run, tmp_path, c
     with pytest.raises(SystemExit) as exc:
         main(["segment", str(run), str(src), str(tmp_path / "x"), "--ray", "--ray-workers", "0"])
     assert exc.value.code == 2
+
+
+def test_a_listed_image_that_is_missing_fails_as_in_the_local_job(cluster, run, tmp_path):
+    src = _images(tmp_path / "in", 2, bad=False)
+    listing = src / "list.txt"
+    listing.write_text("im00.png\nim01.png\nmissing.png\n")   # im00 lives in sub/: missing too
+    run_segment_job(load_pipeline(run), listing, tmp_path / "local", progress=False)
+    report = run_segment_job_ray(run, listing, tmp_path / "ray", workers=1, progress=False)
+    assert report.failed == 2
+    local = sorted((tmp_path / "local" / "failed.txt").read_text().splitlines())
+    assert sorted((tmp_path / "ray" / "failed.txt").read_text().splitlines()) == local
+    assert all("resolved against the folder" in line for line in local)
