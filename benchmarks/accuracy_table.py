@@ -109,11 +109,11 @@ def add_label_memory(run: Path, data: Path, device: str = "cpu") -> None:
     import numpy as np
 
     from spml_deploy.artifacts import read_manifest, write_manifest
-    from spml_deploy.backends import load_segmentation_model
+    from spml_deploy.engine.backends import load_segmentation_model
     from spml_deploy.config import RunConfig, from_dict
-    from spml_deploy.data import load_dataset
-    from spml_deploy.imageio import atomic_write_bytes
-    from spml_deploy.index import build_memory_index
+    from spml_deploy.data.dataset import load_dataset
+    from spml_deploy.data.imageio import atomic_write_bytes
+    from spml_deploy.engine.index import build_memory_index
     from spml_deploy.training.pseudo import MEMORY, MEMORY_INDEX, memory_from_labels
 
     manifest = read_manifest(run, verify=False)
@@ -179,8 +179,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def _score(run: Path, data: Path, readout: str, method: str, device: str) -> float | None:
     """Val mIoU (%) of one read-out, through the segment job; None for kNN without memory."""
     from spml_deploy.artifacts import read_manifest
-    from spml_deploy.metrics import evaluate_folder
-    from spml_deploy.pipeline import PipelineOptions, load_pipeline
+    from spml_deploy.evaluation.metrics import evaluate_folder
+    from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
 
     if readout == "knn" and "memory" not in read_manifest(run, verify=False).files:
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--classifier-iters must be at least 1 (SPML's f1 and memory need it)")
     selected = select_rows(args.rows)
 
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     work = args.work
     t0, load0 = time.perf_counter(), os.getloadavg()[0]

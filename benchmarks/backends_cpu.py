@@ -35,7 +35,7 @@ from spml_deploy.export.benchmark import benchmark  # noqa: E402
 from spml_deploy.export.bundle import export_bundle  # noqa: E402
 
 from spml_deploy.artifacts import read_manifest  # noqa: E402
-from spml_deploy.model import count_flops  # noqa: E402
+from spml_deploy.engine.model import count_flops  # noqa: E402
 from spml_deploy.sysinfo import cpu_name, format_load  # noqa: E402
 
 

@@ -6,7 +6,7 @@ Target (issue 6): an approximate index with recall@10 >= 0.95 against exact sear
 Data: synthetic clustered unit vectors, like segment prototypes of a collection (many segments
 of few kinds): ``n_centers`` random unit centres with a log-normal popularity, every vector =
 normalise(centre + noise); queries are fresh draws from the same distribution (not database
-rows). Exact search is :class:`spml_deploy.index.PrototypeIndex` ``flat`` (FAISS IndexFlatIP);
+rows). Exact search is :class:`spml_deploy.engine.index.PrototypeIndex` ``flat`` (FAISS IndexFlatIP);
 the approximate indexes are the same class with ``ivf`` (IndexIVFFlat, trained by k-means on a
 sample) at several ``nprobe`` and, with ``--hnsw``, ``hnsw``. Queries/s = all queries in one
 ``search`` call (FAISS parallelises over queries), best of ``--repeats``; a single-query loop
@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spml_deploy.index import PrototypeIndex  # noqa: E402
+from spml_deploy.engine.index import PrototypeIndex  # noqa: E402
 from spml_deploy.sysinfo import cpu_name
 
 

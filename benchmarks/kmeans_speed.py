@@ -21,13 +21,13 @@ import time
 import numpy as np
 import torch
 
-from spml_deploy.kmeans import (
+from spml_deploy.engine.kmeans import (
     clustering_features,
     grid_init,
     kmeans_clusters,
     l2_normalize,
 )
-from spml_deploy.prototypes import form_segments, pool_prototypes
+from spml_deploy.engine.prototypes import form_segments, pool_prototypes
 from spml_deploy.sysinfo import cpu_name
 
 log = logging.getLogger("kmeans_speed")

@@ -35,7 +35,7 @@ from spml_deploy.training import spml_loss as spml_loss_module
 from spml_deploy.training.spml_loss import MemoryBank, spml_losses
 
 from spml_deploy.config import preset
-from spml_deploy.model import build_model
+from spml_deploy.engine.model import build_model
 from spml_deploy.sysinfo import cpu_name
 
 log = logging.getLogger("loss_speed")

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 from runs import make_run  # noqa: E402
-from spml_deploy.pipeline import load_pipeline  # noqa: E402
+from spml_deploy.engine.pipeline import load_pipeline
 from spml_deploy.serving.segment import run_segment_job  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spml_deploy import refine as R
+from spml_deploy.engine import refine as R
 from spml_deploy.sysinfo import cpu_name
 
 REGIMES = {"tight": 0.3, "medium": 0.6, "random": 100.0}
@@ -163,7 +163,7 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float
         "* `max diff`: max abs difference of the walked score maps (values in [0, 1]) from the float64 "
         "walk; `agree`: cells with the same argmax label; `bound`: the certified bound of the method "
         "(truncation, plus the polynomial for the Chebyshev walk; float rounding excluded; see "
-        "`spml_deploy/refine.py`); `used`: what `auto` chose.",
+        "`spml_deploy/engine/refine.py`); `used`: what `auto` chose.",
         "",
         "| N | C | regime | method | wall ms / image | cpu s / image | speed-up (wall) | speed-up (cpu) "
         "| max diff | agree % | bound | used |",

@@ -36,10 +36,10 @@ import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from runs import make_run  # noqa: E402
-from spml_deploy.index import PrototypeIndex  # noqa: E402
+from spml_deploy.engine.index import PrototypeIndex  # noqa: E402
 from spml_deploy.serving.retrieval import build_index  # noqa: E402
 from spml_deploy.serving.store import ImageRecord, SegmentStore  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``spml-deploy segment`` throughput and where its time goes (issue 4).
 
 Runs the real batch job - :func:`spml_deploy.serving.segment.run_segment_job` on a pipeline from
-:func:`spml_deploy.pipeline.load_pipeline`, the code behind the CLI - on a folder of square
+:func:`spml_deploy.engine.pipeline.load_pipeline`, the code behind the CLI - on a folder of square
 images, for every combination of backend (torch, onnxruntime), classifier (softmax, knn) and
 refinement (off, on), and reports images/s, wall and CPU time per image, the job's per-stage
 split and the share of the wall time that is not the network.
@@ -70,7 +70,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from spml_deploy.serving.segment import run_segment_job  # noqa: E402
 
-from spml_deploy.pipeline import PipelineOptions, load_pipeline  # noqa: E402
+from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 from spml_deploy.sysinfo import cpu_name, format_load
 
 log = logging.getLogger("segment_speed")
@@ -103,7 +103,7 @@ def render_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
     """``n`` built-in synthetic scenes (``size`` x ``size`` RGB PNGs) in ``folder``."""
     from PIL import Image
 
-    from spml_deploy.synth import render_scene
+    from spml_deploy.data.synth import render_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -127,7 +127,7 @@ def untrained_run(folder: Path, preset: str, num_classes: int, memory_size: int,
     np.savez(run / "memory.npz", prototypes=protos,
              labels=rng.integers(0, num_classes, memory_size))
     m.add_file(run, "memory", "memory.npz")
-    from spml_deploy.index import build_memory_index
+    from spml_deploy.engine.index import build_memory_index
 
     build_memory_index(protos, "flat").save(run / "memory_index.npz")
     m.add_file(run, "memory_index", "memory_index.npz")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spml_deploy import synth
+from spml_deploy.data import synth
 from spml_deploy.sysinfo import cpu_name
 
 

@@ -79,7 +79,7 @@ from torch import Tensor
 
 from spml_deploy.config import preset
 from spml_deploy.errors import ConfigError, TrainingError
-from spml_deploy.prototypes import resize_labels_nearest
+from spml_deploy.engine.prototypes import resize_labels_nearest
 from spml_deploy.sysinfo import cpu_name, format_load
 
 log = logging.getLogger("train_step")

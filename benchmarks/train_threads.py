@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="Also write the markdown table here.")
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="spml-train-threads-") as tmp_s:
         tmp = Path(tmp_s)

@@ -14,15 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 torch.set_num_threads(1)
 from spml_deploy.config import RunConfig, from_dict, VOID
-from spml_deploy.model import build_model
+from spml_deploy.engine.model import build_model
 from spml_deploy.artifacts import load_weights
-from spml_deploy.data import load_dataset, load_mask
-from spml_deploy.metrics import ConfusionMeter
+from spml_deploy.data.dataset import load_dataset, load_mask
+from spml_deploy.evaluation.metrics import ConfusionMeter
 from spml_deploy.training.train import evaluate_f0
 from spml_deploy.training.classifier import train_classifier
 from spml_deploy.training import pseudo
 from spml_deploy.training.weak_labels import weak_label_map
-from spml_deploy.imageio import read_image
+from spml_deploy.data.imageio import read_image
 run, data, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = from_dict(RunConfig, json.load(open(run / "config.json")))
 cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_side=128))

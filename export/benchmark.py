@@ -3,13 +3,13 @@
 Per backend: ``warmup`` untimed batches, then ``iters`` timed batches of ``batch`` synthetic
 images of ``imgsz`` x ``imgsz``. Each batch is timed in three stages:
 
-* ``preprocess``: :func:`spml_deploy.pipeline.prepare_batch`, the segment job's own input path:
+* ``preprocess``: :func:`spml_deploy.engine.preprocess.prepare_batch`, the segment job's own input path:
   the uint8 images are stacked into one (pinned, on CUDA) host buffer and copied to the device,
   where they are normalised (a quarter of the bytes of a float32 upload, no per-image float
   work on the host),
 * ``network``: the backend call (embeddings + logits), synchronised on a GPU,
 * ``postprocess``: logits upsampled to the input size (bilinear) and argmax
-  (:func:`spml_deploy.pipeline.class_argmax`) -> uint8 label maps on the host (the classifier
+  (:func:`spml_deploy.engine.preprocess.class_argmax`) -> uint8 label maps on the host (the classifier
   read-out; k-means/random walk are the same host code for every backend).
 
 Until the preprocessing went through ``prepare_batch``, each image was normalised to float32 on
@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 from spml_deploy.artifacts import model_folder, read_manifest
-from spml_deploy.backends import ENGINE_FILE, KINDS, ONNX_FILE, Backend, load_backend
+from spml_deploy.engine.backends import ENGINE_FILE, KINDS, ONNX_FILE, Backend, load_backend
 from spml_deploy.errors import ExportError, SpmlError
-from spml_deploy.model import count_flops
-from spml_deploy.pipeline import class_argmax, prepare_batch
+from spml_deploy.engine.model import count_flops
+from spml_deploy.engine.preprocess import class_argmax, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def onnx_precisions(run_dir: str | Path, fp32_onnx: str | Path, device: str,
     choosing ``--half``."""
     import tempfile
 
-    from spml_deploy.backends import OnnxRuntimeBackend
+    from spml_deploy.engine.backends import OnnxRuntimeBackend
     from spml_deploy.export.onnx_export import export_onnx
     from spml_deploy.export.parity import margin_tolerance, parity, parity_sizes
 

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from spml_deploy.artifacts import MANIFEST, Manifest, provenance, read_manifest, write_manifest
-from spml_deploy.backends import (ENGINE_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES,
+from spml_deploy.engine.backends import (ENGINE_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES,
                                   OnnxRuntimeBackend, TensorRTBackend, TorchBackend)
 from spml_deploy.errors import ExportError, ManifestError, require
-from spml_deploy.imageio import make_temp_dir
+from spml_deploy.data.imageio import make_temp_dir
 from spml_deploy.export.onnx_export import (as_hw, check_opset, default_imgsz, dynamic_axes,
                                             export_onnx, require_onnxsim)
 from spml_deploy.export.parity import format_parity, margin_tolerance, parity, parity_sizes
-from spml_deploy.model import INPUT_MULTIPLE
+from spml_deploy.engine.model import INPUT_MULTIPLE
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from spml_deploy.artifacts import Manifest, provenance
-from spml_deploy.backends import (FP32_NODES_METADATA_KEY, INPUT_NAME, ONNX_METADATA_KEY,
+from spml_deploy.engine.backends import (FP32_NODES_METADATA_KEY, INPUT_NAME, ONNX_METADATA_KEY,
                                   OUTPUT_NAMES, load_segmentation_model)
 from spml_deploy.errors import ExportError, require
-from spml_deploy.imageio import make_temp_file
-from spml_deploy.model import INPUT_MULTIPLE, SegmentationModel, unit_normalize
+from spml_deploy.data.imageio import make_temp_file
+from spml_deploy.engine.model import INPUT_MULTIPLE, SegmentationModel, unit_normalize
 
 log = logging.getLogger(__name__)
 

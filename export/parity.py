@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spml_deploy.backends import Backend
+from spml_deploy.engine.backends import Backend
 from spml_deploy.config import PreprocessConfig
 from spml_deploy.errors import ExportError
-from spml_deploy.model import INPUT_MULTIPLE
-from spml_deploy.pipeline import preprocess
+from spml_deploy.engine.model import INPUT_MULTIPLE
+from spml_deploy.engine.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 

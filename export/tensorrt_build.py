@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from spml_deploy.artifacts import atomic_write_bytes
-from spml_deploy.backends import FP32_NODES_METADATA_KEY, INPUT_NAME
+from spml_deploy.engine.backends import FP32_NODES_METADATA_KEY, INPUT_NAME
 from spml_deploy.errors import ExportError, require
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from spml_deploy.errors import SpmlError, require
-from spml_deploy.imageio import encode_label_png, read_image
+from spml_deploy.data.imageio import encode_label_png, read_image
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class Service:
     def __init__(self, model_path: str | Path, index_dir: str | Path | None = None,
                  backend: str = "torch", device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
                  **backend_options: Any):
-        from spml_deploy.pipeline import PipelineOptions, load_pipeline
+        from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 
         self.max_pixels = int(max_pixels)
         self.pipeline = load_pipeline(model_path, backend=backend, device=device,

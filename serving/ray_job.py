@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from spml_deploy.artifacts import model_folder, read_manifest
 from spml_deploy.errors import ConfigError, SpmlError, require
-from spml_deploy.pipeline import PipelineOptions, load_pipeline
+from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 from spml_deploy.serving.retrieval import IngestSettings, Segmented, _backend, records_of
 from spml_deploy.serving.segment import (InputItem, JobReport, _read, _write, plan_job,
                                          sweep_partial_files)
@@ -186,7 +186,7 @@ def run_segment_job_ray(model: str | Path, source: str | Path, out: Path, *,
             CPUs / ``cpus_per_worker``.
         cpus_per_worker: CPUs reserved by each actor (its torch threads).
         batch: images per ``map_batches`` call (per network call).
-        Others: as the local job and :func:`spml_deploy.pipeline.load_pipeline`.
+        Others: as the local job and :func:`spml_deploy.engine.pipeline.load_pipeline`.
     """
     out = Path(out)
     # the model is checked on the driver (a mistyped path fails here, not in every actor)

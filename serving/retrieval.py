@@ -49,9 +49,9 @@ from tqdm.auto import tqdm
 from spml_deploy.artifacts import MANIFEST, Manifest, model_folder, read_manifest, sha256_file
 from spml_deploy.config import PreprocessConfig, SegmentationConfig
 from spml_deploy.errors import ConfigError, SpmlError
-from spml_deploy.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
-from spml_deploy.pipeline import Prepared, prepare_batch, valid_cells
-from spml_deploy.prototypes import majority_label, segment_memory
+from spml_deploy.data.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
+from spml_deploy.engine.preprocess import Prepared, prepare_batch, valid_cells
+from spml_deploy.engine.prototypes import majority_label, segment_memory
 from spml_deploy.serving.segment import _batches, discover
 from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
                                        ImageRecord, SegmentRow, SegmentStore, StoreError,
@@ -247,7 +247,7 @@ def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
 
 
 def _index_api():
-    from spml_deploy import index as index_module
+    from spml_deploy.engine import index as index_module
 
     return index_module
 
@@ -393,7 +393,7 @@ def _backend(model_path: str | Path, backend: Any, device: str, **backend_option
     if not isinstance(backend, str):
         yield backend
         return
-    from spml_deploy.backends import load_backend
+    from spml_deploy.engine.backends import load_backend
 
     be = load_backend(model_folder(model_path), kind=backend, device=device, **backend_options)
     try:
@@ -410,7 +410,7 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
 
     ``index_type``: flat (exact), ivf, ivfpq (trained on the collection's prototypes at the end
     of the build), hnsw. ``index_options`` go to ``PrototypeIndex`` (e.g. nlist, nprobe, m);
-    ``shards`` > 1 splits the index into that many shards (:class:`~spml_deploy.index.ShardedIndex`).
+    ``shards`` > 1 splits the index into that many shards (:class:`~spml_deploy.engine.index.ShardedIndex`).
     ``segmenter``: who segments the images (default: this process, :func:`local_segmenter`;
     :func:`spml_deploy.serving.ray_job.ray_segmenter` for Ray workers).
     ``flip``: segment the flip-averaged embeddings (two network passes per image); stored in the
@@ -800,7 +800,7 @@ class Retriever:
             check_model(self.meta, self.manifest, folder)
             self.index = sync_index(self.index_dir, self.store, save=True)
             if backend_obj is None:
-                from spml_deploy.backends import load_backend
+                from spml_deploy.engine.backends import load_backend
 
                 backend_obj = load_backend(folder, kind=backend, device=device, **backend_options)
             self.backend = backend_obj

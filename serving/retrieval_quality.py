@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spml_deploy.imageio import read_image, read_label_png
+from spml_deploy.data.imageio import read_image, read_label_png
 
 
 @dataclass

@@ -31,9 +31,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spml_deploy.errors import SpmlError
-from spml_deploy.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
+from spml_deploy.data.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
                                  read_label_png, write_label_png)
-from spml_deploy.pipeline import resize_for_network
+from spml_deploy.engine.preprocess import resize_for_network
 
 log = logging.getLogger(__name__)
 

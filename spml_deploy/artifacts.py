@@ -18,7 +18,7 @@ from typing import Any
 from spml_deploy import __version__
 from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict, to_dict
 from spml_deploy.errors import ConfigError, ManifestError
-from spml_deploy.imageio import atomic_write_bytes, atomic_write_text
+from spml_deploy.data.imageio import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "spml.json"

@@ -20,7 +20,7 @@ from torch import nn
 from spml_deploy.artifacts import Manifest, atomic_torch_save, provenance, write_manifest
 from spml_deploy.config import preset as config_preset
 from spml_deploy.config import to_dict
-from spml_deploy.model import PixelClassifier, build_model
+from spml_deploy.engine.model import PixelClassifier, build_model
 
 
 def _randomise(module: nn.Module, gen: torch.Generator) -> None:

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from runs import make_run
 from spml_deploy.artifacts import Manifest, load_weights, read_manifest, write_manifest
-from spml_deploy.backends import (TensorRTBackend, TorchBackend, check_engine_compatible,
+from spml_deploy.engine.backends import (TensorRTBackend, TorchBackend, check_engine_compatible,
                                   ort_providers, torch_options,
                                   create_ort_session, current_trt_environment, load_backend)
 from spml_deploy.errors import BackendError, ManifestError
-from spml_deploy.model import EmbeddingNet, PixelClassifier
+from spml_deploy.engine.model import EmbeddingNet, PixelClassifier
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_cli_segment_torch_options_reach_the_backend(run, tmp_path, monkeypatch,
     import numpy as np
     from PIL import Image
 
-    from spml_deploy import backends as backends_mod
+    from spml_deploy.engine import backends as backends_mod
     from spml_deploy.cli import main
 
     rng = np.random.default_rng(0)
@@ -292,7 +292,7 @@ def test_cli_segment_torch_options_reach_the_backend(run, tmp_path, monkeypatch,
 
 
 def test_cli_precision_choices_match_the_backend():
-    from spml_deploy.backends import CLI_PRECISIONS
+    from spml_deploy.engine.backends import CLI_PRECISIONS
     from spml_deploy.cli import PRECISIONS
 
     assert PRECISIONS == CLI_PRECISIONS

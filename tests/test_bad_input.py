@@ -20,9 +20,9 @@ from runs import make_run
 from spml_deploy.artifacts import read_manifest, write_manifest
 from spml_deploy.cli import main
 from spml_deploy.errors import ConfigError, SpmlError, TrainingError
-from spml_deploy.pipeline import PipelineOptions, load_pipeline
+from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 from spml_deploy.serving.segment import run_segment_job
-from spml_deploy.synth import synthesize
+from spml_deploy.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_mistyped_model_path_is_named_by_index_and_serve(tmp_path, capsys, monke
 
 
 def test_mistyped_model_path_in_the_backend_loader(tmp_path):
-    from spml_deploy.backends import load_backend
+    from spml_deploy.engine.backends import load_backend
 
     with pytest.raises(SpmlError) as exc:
         load_backend(tmp_path / "nope")
@@ -298,8 +298,8 @@ def _png_bomb(path: Path, w: int, h: int) -> None:
 
 @pytest.mark.parametrize("side", [12000, 60000])   # above our limit only / above Pillow's too
 def test_decompression_bomb_message_has_one_limit_and_a_cli_fix(tmp_path, side, monkeypatch):
-    from spml_deploy import imageio
-    from spml_deploy.imageio import DEFAULT_MAX_PIXELS, read_image
+    from spml_deploy.data import imageio
+    from spml_deploy.data.imageio import DEFAULT_MAX_PIXELS, read_image
 
     monkeypatch.setattr(imageio, "_max_pixels", None)
     monkeypatch.delenv("SPML_MAX_PIXELS", raising=False)
@@ -315,8 +315,8 @@ def test_decompression_bomb_message_has_one_limit_and_a_cli_fix(tmp_path, side, 
 
 
 def test_max_pixels_environment_variable(tmp_path, monkeypatch):
-    from spml_deploy import imageio
-    from spml_deploy.imageio import read_image
+    from spml_deploy.data import imageio
+    from spml_deploy.data.imageio import read_image
 
     monkeypatch.setattr(imageio, "_max_pixels", None)     # no process-wide set_max_pixels
 
@@ -332,7 +332,7 @@ def test_max_pixels_environment_variable(tmp_path, monkeypatch):
 
 
 def test_segment_failed_txt_says_how_to_raise_the_limit(run, tmp_path, monkeypatch):
-    from spml_deploy import imageio
+    from spml_deploy.data import imageio
 
     monkeypatch.setattr(imageio, "_max_pixels", None)
     monkeypatch.delenv("SPML_MAX_PIXELS", raising=False)
@@ -403,7 +403,7 @@ def test_cli_sets_a_passive_openmp_wait_policy_before_torch_loads(monkeypatch):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_temporary_outputs_follow_the_umask(tmp_path, umask):
-    from spml_deploy.imageio import atomic_write_bytes, make_temp_dir, make_temp_file
+    from spml_deploy.data.imageio import atomic_write_bytes, make_temp_dir, make_temp_file
 
     old = os.umask(umask)
     try:

@@ -13,7 +13,7 @@ from scipy import ndimage
 from torch import nn
 
 from spml_deploy.config import MODEL_PRESETS, ModelConfig, TrainConfig
-from spml_deploy.data import Box
+from spml_deploy.data.dataset import Box
 from spml_deploy.errors import ManifestError, TrainingError
 from spml_deploy.training import cam as cam_mod
 from spml_deploy.training.cam import (CamNet, box_cam, cam_config_hash, compute_cams,

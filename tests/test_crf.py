@@ -16,9 +16,9 @@ from runs import make_run
 
 from spml_deploy.cli import main
 from spml_deploy.config import PreprocessConfig
-from spml_deploy.crf import crf_available, dense_crf
+from spml_deploy.engine.crf import crf_available, dense_crf
 from spml_deploy.errors import MissingDependencyError
-from spml_deploy.pipeline import Pipeline, PipelineOptions, load_pipeline
+from spml_deploy.engine.pipeline import Pipeline, PipelineOptions, load_pipeline
 
 HAVE_CRF = crf_available()
 needs_crf = pytest.mark.skipif(not HAVE_CRF, reason="pydensecrf not installed (optional; "
@@ -327,8 +327,8 @@ def test_pseudo_labels_walk_then_crf_at_the_original_size():
     to the original size; without it, the plain argmax of the walk (unchanged)."""
     from dataclasses import replace
 
-    from spml_deploy.pipeline import preprocess
-    from spml_deploy.refine import refine_labels
+    from spml_deploy.engine.preprocess import preprocess
+    from spml_deploy.engine.refine import refine_labels
     from spml_deploy.training.pseudo import _walk_to_labels
     from spml_deploy.training.train import resolve_config
 
@@ -358,7 +358,7 @@ def test_pseudo_labels_walk_then_crf_at_the_original_size():
     full = F.interpolate(up[..., :rh, :rw], size=(h, w), mode="bilinear", align_corners=False)[0]
     assert with_crf.shape == plain.shape == (h, w) and with_crf.dtype == np.uint8
     np.testing.assert_array_equal(with_crf, dense_crf(img, full.numpy()).argmax(0))
-    from spml_deploy.pipeline import labels_to_original
+    from spml_deploy.engine.preprocess import labels_to_original
     np.testing.assert_array_equal(
         plain, labels_to_original(labels[0, :rh, :rw].to(torch.uint8).numpy(), prep))
     truth = np.where(np.arange(w)[None, :] < edge, 1, 2).repeat(h, 0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spml_deploy.data import KINDS, Dataset, Scribble, load_dataset, load_mask, load_sparse
+from spml_deploy.data.dataset import KINDS, Dataset, Scribble, load_dataset, load_mask, load_sparse
 from spml_deploy.errors import DatasetError
-from spml_deploy.imageio import write_label_png
+from spml_deploy.data.imageio import write_label_png
 
 W, H = 32, 24
 CLASSES = ["background", "cat", "dog"]

@@ -94,7 +94,7 @@ def test_two_processes_match_one_process():
 
 @pytest.mark.slow
 def test_torchrun_trains_with_two_processes(tmp_path):
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     ds = tmp_path / "ds"
     synthesize(ds, n_train=4, n_val=1, size=64, seed=1)
@@ -117,7 +117,7 @@ def test_torchrun_trains_with_two_processes(tmp_path):
 def test_torchrun_trains_across_two_nodes(tmp_path):
     """README's several-machines command, with two launchers on this machine as the two nodes
     (static rendezvous on loopback): node 0 writes the run, both finish the same steps."""
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     ds = tmp_path / "ds"
     synthesize(ds, n_train=4, n_val=1, size=64, seed=1)

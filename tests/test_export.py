@@ -11,7 +11,7 @@ import torch
 
 from runs import make_run
 from spml_deploy.artifacts import read_manifest, sha256_file, write_manifest
-from spml_deploy.backends import (Backend, OnnxRuntimeBackend, TorchBackend, load_backend,
+from spml_deploy.engine.backends import (Backend, OnnxRuntimeBackend, TorchBackend, load_backend,
                                   read_onnx_manifest)
 from spml_deploy.errors import ExportError, ManifestError, MissingDependencyError, SpmlError
 from spml_deploy.export import bundle as bundle_mod
@@ -79,7 +79,7 @@ def test_bundle_deployed_at_another_max_side(run, tmp_path):
     """--max-side: the bundle's spml.json (what inference reads) gets the new input size, the
     ONNX example follows it, the copied config.json stays the training record, and the
     pipeline on the bundle really runs the network at that size."""
-    from spml_deploy.pipeline import load_pipeline
+    from spml_deploy.engine.pipeline import load_pipeline
 
     run_m = read_manifest(run)
     assert run_m.preprocess.max_side != 96
@@ -411,7 +411,7 @@ def test_benchmark_preprocessing_is_the_segment_jobs(bundle, monkeypatch):
     """The timed input path is prepare_batch (uint8 upload, device normalisation), and the
     network gets exactly what stacking pipeline.preprocess of each image gives."""
     from spml_deploy.export import benchmark as bench_mod
-    from spml_deploy.pipeline import preprocess
+    from spml_deploy.engine.preprocess import preprocess
 
     out, _ = bundle
     seen = []

@@ -23,11 +23,11 @@ from PIL import Image  # noqa: E402
 from runs import make_run  # noqa: E402
 
 from spml_deploy.artifacts import read_manifest, write_manifest  # noqa: E402
-from spml_deploy.imageio import read_image  # noqa: E402
-from spml_deploy.pipeline import load_pipeline  # noqa: E402
+from spml_deploy.data.imageio import read_image  # noqa: E402
+from spml_deploy.engine.pipeline import load_pipeline
 from spml_deploy.serving import retrieval as R  # noqa: E402
 from spml_deploy.serving.http import create_app  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
@@ -47,7 +47,7 @@ def small_run(folder: Path) -> Path:
     """An untrained tiny run with the scene classes, deployed at 64 px (fast on the CPU)."""
     from dataclasses import replace
 
-    from spml_deploy.synth import SCENE_CLASSES
+    from spml_deploy.data.synth import SCENE_CLASSES
 
     make_run(folder, num_classes=9)
     m = read_manifest(folder)

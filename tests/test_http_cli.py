@@ -13,7 +13,7 @@ from test_retrieval import small_run  # noqa: E402
 
 from spml_deploy.cli import main  # noqa: E402
 from spml_deploy.serving import retrieval as R  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
 @pytest.fixture(scope="module")

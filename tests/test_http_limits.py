@@ -18,7 +18,7 @@ from test_http import LiveServer, _one_torch_thread, small_run  # noqa: E402,F40
 
 from spml_deploy.serving import http as H  # noqa: E402
 from spml_deploy.serving import retrieval as R  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import http_load as L  # noqa: E402
 from test_http import _one_torch_thread, small_run  # noqa: E402,F401
 
-from spml_deploy.imageio import read_image  # noqa: E402
+from spml_deploy.data.imageio import read_image  # noqa: E402
 from spml_deploy.serving import retrieval as R  # noqa: E402
 from spml_deploy.serving.http import request_memory_bytes  # noqa: E402
-from spml_deploy.synth import synthesize  # noqa: E402
+from spml_deploy.data.synth import synthesize  # noqa: E402
 
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD = 400_000

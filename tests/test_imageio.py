@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from spml_deploy import imageio
+from spml_deploy.data import imageio
 from spml_deploy.errors import ImageReadError, SpmlError
-from spml_deploy.imageio import (atomic_write_bytes, atomic_write_text, default_palette,
+from spml_deploy.data.imageio import (atomic_write_bytes, atomic_write_text, default_palette,
                                  image_size, read_image, read_label_png, write_label_png)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spml_deploy import index as I
+from spml_deploy.engine import index as I
 from spml_deploy.errors import ManifestError, MissingDependencyError, SpmlError
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")
@@ -312,7 +312,7 @@ def test_memory_vote_matches_reference_at_segment_job_size(monkeypatch):
     x, q = data_and_queries(9216, 576, 32, seed=15)
     labels = torch.from_numpy(np.random.default_rng(2).integers(0, 9, 9216))
     m, qt = torch.from_numpy(x), torch.from_numpy(q)
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     memory = PrototypeMemory(x, labels.numpy(), 9, k=20)
     want = reference_vote(qt, m, labels, 20, 9)
@@ -358,7 +358,7 @@ def test_memory_index_flat_is_exact_and_round_trips(tmp_path):
 def test_prototype_memory_votes_through_its_flat_index(tmp_path, search):
     """The pipeline's kNN vote (k = 20) through the saved FAISS flat index equals the vote of
     the brute-force reference, and so does the exact path that 'auto' picks for a flat index."""
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     x, q, labels = _memory_case()
     np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
@@ -381,7 +381,7 @@ def test_prototype_memory_votes_through_its_flat_index(tmp_path, search):
 def test_prototype_memory_uses_an_approximate_index(tmp_path, monkeypatch):
     """An approximate memory index (hnsw) is searched through FAISS under 'auto'; its votes
     agree with the exact ones on nearly every query."""
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     x, q, labels = _memory_case(4000, 300, seed=21)
     index = I.build_memory_index(x, "hnsw")
@@ -402,7 +402,7 @@ def test_prototype_memory_uses_an_approximate_index(tmp_path, monkeypatch):
 
 def test_memory_index_errors_and_fallback(tmp_path, monkeypatch, caplog):
     from spml_deploy.errors import ConfigError
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     x, q, labels = _memory_case(500, 10, seed=3)
     np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from spml_deploy.cli import main
-from spml_deploy.index import ShardedIndex, load_index
+from spml_deploy.engine.index import ShardedIndex, load_index
 from spml_deploy.serving import retrieval as R
-from spml_deploy.synth import synthesize
+from spml_deploy.data.synth import synthesize
 from test_retrieval import small_run
 
 pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")

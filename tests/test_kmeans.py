@@ -1,4 +1,4 @@
-"""Batched spherical k-means (spml_deploy.kmeans) against the golden cases and a slow reference.
+"""Batched spherical k-means (spml_deploy.engine.kmeans) against the golden cases and a slow reference.
 
 The reference (`ref_kmeans`) is a plain per-image, per-iteration loop in numpy written from
 spec 3.3/3.4: for every cluster k, sum its members and normalise (empty -> zero vector); then
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import spml_deploy.kmeans as km
+import spml_deploy.engine.kmeans as km
 from spml_deploy.errors import SpmlError
-from spml_deploy.kmeans import (clustering_features, grid_init, kmeans_clusters, l2_normalize,
+from spml_deploy.engine.kmeans import (clustering_features, grid_init, kmeans_clusters, l2_normalize,
                                 location_features, spherical_kmeans)
 
 KMEANS_CASES = ["kmeans_grid6_32x32", "kmeans_grid6_32x32_void",

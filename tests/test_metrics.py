@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from spml_deploy.errors import DatasetError, SpmlError
-from spml_deploy.imageio import write_label_png
-from spml_deploy.metrics import (ConfusionMeter, SegmentationScores, confusion_matrix,
+from spml_deploy.data.imageio import write_label_png
+from spml_deploy.evaluation.metrics import (ConfusionMeter, SegmentationScores, confusion_matrix,
                                  evaluate_folder)
 from test_data import CLASSES, gt_mask, make_dataset
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from spml_deploy.config import MODEL_PRESETS, ModelConfig
 from spml_deploy.errors import ConfigError
-from spml_deploy.model import (
+from spml_deploy.engine.model import (
     EmbeddingNet,
     FPNHead,
     PixelClassifier,

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from runs import make_run
-import spml_deploy.pipeline as pl
-from spml_deploy.pipeline import load_pipeline, prepare_batch
+import spml_deploy.engine.pipeline as pl
+from spml_deploy.engine.pipeline import load_pipeline
+from spml_deploy.engine.preprocess import prepare_batch
 
 
 def _smooth(h: int, w: int, seed: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from spml_deploy.config import preset
-from spml_deploy.refine import refine_labels
+from spml_deploy.engine.refine import refine_labels
 
 
 def _small_object_scene(size: int = 128, obj: tuple[int, int] = (6, 9), cos: float = 0.94):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spml_deploy import pretrained
+from spml_deploy.engine import pretrained
 from spml_deploy.config import MODEL_PRESETS, ModelConfig
 from spml_deploy.errors import ConfigError
-from spml_deploy.model import build_backbone, build_model
+from spml_deploy.engine.model import build_backbone, build_model
 
 PARTS = ("conv1.", "bn1.", "layer1.")
 
@@ -123,7 +123,7 @@ def test_offline_gives_one_clear_message(hub, tmp_path, monkeypatch, base):
 def test_cli_offline_exit_code_2(hub, tmp_path, monkeypatch, capsys):
     """Through the command line: checked before any training, one message, exit code 2."""
     from spml_deploy.cli import main
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     synthesize(tmp_path / "scenes", n_train=2, n_val=1, size=64)
     monkeypatch.setenv(pretrained.URL_ENV, (tmp_path / "nowhere").as_uri())

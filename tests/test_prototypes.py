@@ -1,4 +1,4 @@
-"""Segments, prototypes, label resizing and the kNN memory (spml_deploy.prototypes) against the
+"""Segments, prototypes, label resizing and the kNN memory (spml_deploy.engine.prototypes) against the
 golden cases and slow per-pixel / per-segment references written from spec 3.6 and 7.3."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from spml_deploy.errors import SpmlError
-from spml_deploy.kmeans import clustering_features, grid_init, kmeans_clusters, l2_normalize
-from spml_deploy.prototypes import (form_segments, majority_label, pool_prototypes,
+from spml_deploy.engine.kmeans import clustering_features, grid_init, kmeans_clusters, l2_normalize
+from spml_deploy.engine.prototypes import (form_segments, majority_label, pool_prototypes,
                                     resize_labels_nearest, segment_memory)
 
 VOID = 255

@@ -18,7 +18,7 @@ from runs import make_run
 
 ray = pytest.importorskip("ray", reason="ray not installed (pip install 'spml-deploy[ray]')")
 
-from spml_deploy.pipeline import load_pipeline  # noqa: E402
+from spml_deploy.engine.pipeline import load_pipeline
 from spml_deploy.serving.ray_job import run_segment_job_ray  # noqa: E402
 from spml_deploy.serving.segment import run_segment_job  # noqa: E402
 

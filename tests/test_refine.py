@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spml_deploy import chebyshev_walk as CW
-from spml_deploy import refine as R
+from spml_deploy.engine import chebyshev_walk as CW
+from spml_deploy.engine import refine as R
 
 BETA, ALPHA = 5.0, 20.0
 

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from runs import make_run
 
 from spml_deploy.artifacts import read_manifest, write_manifest
-from spml_deploy.backends import load_backend
-from spml_deploy.imageio import read_image, read_label_png
-from spml_deploy.pipeline import preprocess
+from spml_deploy.engine.backends import load_backend
+from spml_deploy.data.imageio import read_image, read_label_png
+from spml_deploy.engine.preprocess import preprocess
 from spml_deploy.serving import retrieval as R
 from spml_deploy.serving.store import (ImageRecord, SegmentStore, StoreError, rle_decode,
                                        rle_encode)
-from spml_deploy.synth import SCENE_CLASSES, synthesize
+from spml_deploy.data.synth import SCENE_CLASSES, synthesize
 
 pytest.importorskip("faiss")
 
@@ -222,7 +222,7 @@ def test_index_keeps_its_flip_setting(run, scenes, tmp_path):
 def test_flat_index_equals_brute_force(index6):
     """The FAISS flat index of a built collection against two brute-force oracles: float64
     numpy and the project's ExactIndex (torch)."""
-    from spml_deploy.index import ExactIndex
+    from spml_deploy.engine.index import ExactIndex
 
     with SegmentStore(index6 / "segments.sqlite") as st:
         ids, vecs = st.vectors()
@@ -244,7 +244,7 @@ def test_flat_index_equals_brute_force(index6):
 def test_gpu_index_matches_cpu(index6, tmp_path):
     """Where faiss-gpu sees a GPU, the index runs there (chosen automatically) with the CPU's
     results."""
-    from spml_deploy.index import gpu_available
+    from spml_deploy.engine.index import gpu_available
 
     if not gpu_available():
         pytest.skip("faiss-gpu with a visible GPU is not installed here")

@@ -15,7 +15,7 @@ from PIL import Image
 from runs import make_run
 from spml_deploy.artifacts import read_manifest
 from spml_deploy.cli import main
-from spml_deploy.pipeline import Pipeline, PipelineOptions, load_pipeline
+from spml_deploy.engine.pipeline import Pipeline, PipelineOptions, load_pipeline
 from spml_deploy.serving.segment import discover, run_segment_job
 
 
@@ -125,7 +125,7 @@ def test_refine_and_knn_paths(run, folder, tmp_path):
     rng = np.random.default_rng(1)
     protos = rng.normal(size=(50, 32)).astype(np.float32)
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     pipe = load_pipeline(run, options=PipelineOptions(refine=True))
     image = np.asarray(Image.open(folder / "a.png").convert("RGB"))
@@ -185,7 +185,7 @@ def _mixed_images(seed: int = 0) -> list[np.ndarray]:
 
 def _reference_batch(images, pp):
     """The network input as stacked per-image preprocess() outputs (the original code)."""
-    from spml_deploy.pipeline import preprocess
+    from spml_deploy.engine.preprocess import preprocess
 
     prepped = [preprocess(im, pp) for im in images]
     ph = max(p.padded_hw[0] for _, p in prepped)
@@ -199,7 +199,7 @@ def _reference_batch(images, pp):
 @pytest.mark.parametrize("max_side,pad", [(512, 8), (0, 8), (48, 16), (64, 8)])
 def test_prepare_batch_equals_stacked_preprocess(max_side, pad):
     from spml_deploy.config import PreprocessConfig
-    from spml_deploy.pipeline import prepare_batch
+    from spml_deploy.engine.preprocess import prepare_batch
 
     pp = PreprocessConfig(max_side=max_side, pad_multiple=pad)
     images = _mixed_images()
@@ -208,7 +208,7 @@ def test_prepare_batch_equals_stacked_preprocess(max_side, pad):
     assert meta == ref_meta and x.dtype == torch.float32 and x.is_contiguous()
     assert torch.equal(x, ref)                                   # bit for bit
     assert torch.equal(torch.signbit(x), torch.signbit(ref))    # padding is +0.0
-    from spml_deploy.pipeline import resize_for_network          # resized ahead (reader threads)
+    from spml_deploy.engine.preprocess import resize_for_network
     x2, meta2 = prepare_batch(images, pp, resized=[resize_for_network(im, pp) for im in images])
     assert meta2 == ref_meta and torch.equal(x2, ref)
     with pytest.raises(ValueError, match="resized images"):
@@ -216,7 +216,7 @@ def test_prepare_batch_equals_stacked_preprocess(max_side, pad):
 
 
 def test_class_argmax_equals_torch_argmax():
-    from spml_deploy.pipeline import class_argmax
+    from spml_deploy.engine.preprocess import class_argmax
 
     gen = torch.Generator().manual_seed(0)
     for shape, dtype in [((2, 5, 9, 11), torch.float32), ((1, 1, 4, 4), torch.float32),
@@ -261,7 +261,7 @@ def _reference_predict(pipe, images):
 @pytest.mark.parametrize("classifier,refine",
                          [("softmax", False), ("softmax", True), ("knn", False)])
 def test_predict_equals_reference(run, classifier, refine):
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     rng = np.random.default_rng(3)
     base = load_pipeline(run, options=PipelineOptions(refine=refine))
@@ -318,8 +318,8 @@ def test_results_record_counts_every_class(run, tmp_path):
 def test_pipelined_job_equals_predict(run, folder, tmp_path):
     """The job overlaps the network of one batch with the read-out of the previous one: the
     label maps are still exactly Pipeline.predict's, image by image, with kNN and refinement."""
-    from spml_deploy.imageio import read_image
-    from spml_deploy.pipeline import PrototypeMemory
+    from spml_deploy.data.imageio import read_image
+    from spml_deploy.engine.pipeline import PrototypeMemory
 
     rng = np.random.default_rng(2)
     protos = rng.normal(size=(60, 32)).astype(np.float32)
@@ -368,7 +368,7 @@ def test_failing_batch_is_reported_and_the_job_goes_on(run, folder, tmp_path):
 def test_skip_existing_redoes_incomplete_label_maps(run, folder, tmp_path):
     """Label maps are written without fsync; a file a power loss left empty or cut short is
     redone on resume, a complete one is skipped."""
-    from spml_deploy.imageio import png_is_complete
+    from spml_deploy.data.imageio import png_is_complete
 
     out = tmp_path / "out"
     pipe = load_pipeline(run)
@@ -387,7 +387,7 @@ def test_skip_existing_redoes_incomplete_label_maps(run, folder, tmp_path):
 def test_predict_timings_are_per_call(run, folder):
     """Per-image timings describe one call (they used to add up over calls); pop_timings sums
     the calls since the last pop."""
-    from spml_deploy.imageio import read_image
+    from spml_deploy.data.imageio import read_image
 
     pipe = load_pipeline(run)
     image = read_image(folder / "a.png")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from spml_deploy.imageio import write_label_png
+from spml_deploy.data.imageio import write_label_png
 from spml_deploy.serving.segment import label_path, plan_job, sweep_partial_files
 
 

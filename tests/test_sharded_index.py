@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spml_deploy import index as I
+from spml_deploy.engine import index as I
 from spml_deploy.errors import ManifestError
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")

@@ -21,8 +21,8 @@ import torch
 from conftest import GOLDEN_DIR, load_golden
 from spml_deploy.config import VOID, CompatConfig, LossConfig, SegmentationConfig
 from spml_deploy.errors import TrainingError
-from spml_deploy.kmeans import kmeans_clusters
-from spml_deploy.prototypes import form_segments, resize_labels_nearest
+from spml_deploy.engine.kmeans import kmeans_clusters
+from spml_deploy.engine.prototypes import form_segments, resize_labels_nearest
 from spml_deploy.training.spml_loss import (AFFINITY_PHI_SCALE, AFFINITY_THRESHOLD, MemoryBank,
                                             SegmentPool, image_similarity_loss, spml_losses)
 

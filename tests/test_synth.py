@@ -1,4 +1,4 @@
-"""Built-in benchmark scenes (spml_deploy.synth)."""
+"""Built-in benchmark scenes (spml_deploy.data.synth)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spml_deploy import synth
+from spml_deploy.data import synth
 from spml_deploy.errors import ConfigError, SpmlError
 
 N_TRAIN, N_VAL, SIZE = 6, 2, 64
@@ -55,7 +55,7 @@ def dense_samples(poly) -> np.ndarray:
 
 
 def test_dataset_passes_loader_and_has_every_kind(scenes, parts):
-    from spml_deploy.data import load_dataset
+    from spml_deploy.data.dataset import load_dataset
 
     for root, names in ((scenes, synth.SCENE_CLASSES), (parts, synth.PART_CLASSES)):
         ds = load_dataset(root, check_files=True)
@@ -228,7 +228,7 @@ def test_boxes_points_scribbles_match_true_instances():
 
 def test_scene_annotations_equal_the_weaken_functions():
     """The synthetic scenes use the same derivation as `spml-deploy data weaken`."""
-    from spml_deploy import weaken as W
+    from spml_deploy.data import weaken as W
 
     for scene, _ in render(4) + render(3, parts=True):
         k_all = [k for k in range(1, len(scene.classes) + 1) if (scene.instances == k).any()]

@@ -11,7 +11,7 @@ from spml_deploy.artifacts import load_weights, read_manifest
 from spml_deploy.cli import main
 from spml_deploy.config import preset
 from spml_deploy.errors import ConfigError, TrainingError
-from spml_deploy.synth import synthesize
+from spml_deploy.data.synth import synthesize
 from spml_deploy.training.train import lr_at, train
 
 FAST = {"train": {"iters": 4, "batch": 2, "crop": 64, "ckpt_every": 2, "log_every": 1,
@@ -55,7 +55,7 @@ def test_train_writes_complete_run(scenes, tmp_path):
     assert np.allclose(np.linalg.norm(mem["prototypes"], axis=1), 1, atol=1e-4)
     assert mem["labels"].min() >= 0 and mem["labels"].max() < 9
     # ... and the memory as an index (FAISS flat where installed), id = row of memory.npz
-    from spml_deploy.index import index_is_exact, load_index
+    from spml_deploy.engine.index import index_is_exact, load_index
 
     assert m.files["memory_index"]["path"] == "memory_index.npz"
     index = load_index(run / "memory_index.npz")
@@ -65,8 +65,8 @@ def test_train_writes_complete_run(scenes, tmp_path):
     sims = mem["prototypes"] @ mem["prototypes"].T
     assert np.allclose(sims[np.arange(len(ids)), ids[:, 0]], sims.max(1), atol=1e-5)
     # segmenting with the kNN classifier through the index = through the exact search
-    from spml_deploy.imageio import read_image
-    from spml_deploy.pipeline import PipelineOptions, load_pipeline
+    from spml_deploy.data.imageio import read_image
+    from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 
     images = [read_image(p) for p in sorted((scenes / "images").glob("val_*.png"))]
     by = {s: load_pipeline(run, options=PipelineOptions(classifier="knn", knn_search=s))
@@ -250,9 +250,9 @@ def test_cam_supervisions_run_every_stage(scenes, tmp_path, supervision):
     for every training image, the walks keep to the image's tags (plus background), and the run
     has its classifier and memory. With the optional CRF package, the tags run also applies
     DenseCRF (after the CAM walk and the kNN votes)."""
-    from spml_deploy.crf import crf_available
-    from spml_deploy.data import load_dataset
-    from spml_deploy.imageio import read_label_png
+    from spml_deploy.engine.crf import crf_available
+    from spml_deploy.data.dataset import load_dataset
+    from spml_deploy.data.imageio import read_label_png
 
     crf = supervision == "tags" and crf_available()
     run = tmp_path / "run"

@@ -23,7 +23,7 @@ import torch
 from spml_deploy.training.spml_loss import MemoryBank, spml_losses
 
 from spml_deploy.config import preset
-from spml_deploy.prototypes import resize_labels_nearest
+from spml_deploy.engine.prototypes import resize_labels_nearest
 
 REPO = Path(__file__).resolve().parents[1]
 

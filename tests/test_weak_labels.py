@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from spml_deploy.config import TrainConfig
-from spml_deploy.data import Box, ImageRecord, Point, Scribble
+from spml_deploy.data.dataset import Box, ImageRecord, Point, Scribble
 from spml_deploy.errors import DatasetError, TrainingError
-from spml_deploy.imageio import write_label_png
+from spml_deploy.data.imageio import write_label_png
 from spml_deploy.training import weak_labels as wl
 
 C = 4          # classes 0..3

@@ -1,4 +1,4 @@
-"""Weak annotations derived from full masks (spml_deploy.weaken)."""
+"""Weak annotations derived from full masks (spml_deploy.data.weaken)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from spml_deploy import weaken as W
+from spml_deploy.data import weaken as W
 from spml_deploy.errors import ConfigError, DatasetError
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_segments_ok_matches_slow_oracle():
 
 
 def make_dataset(root: Path, with_tags: bool = False) -> Path:
-    from spml_deploy.imageio import write_label_png
+    from spml_deploy.data.imageio import write_label_png
 
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -222,7 +222,7 @@ def make_dataset(root: Path, with_tags: bool = False) -> Path:
 
 
 def test_weaken_dataset_round_trip(tmp_path):
-    from spml_deploy.data import load_dataset
+    from spml_deploy.data.dataset import load_dataset
 
     root = make_dataset(tmp_path / "ds")
     original = (root / "annotations.json").read_bytes()
@@ -282,7 +282,7 @@ def test_weaken_refuses_existing_tags_and_bad_input(tmp_path):
     (root / "annotations.json").write_text(json.dumps(doc))
     m = hand_mask()
     m[m == 3] = 0
-    from spml_deploy.imageio import write_label_png
+    from spml_deploy.data.imageio import write_label_png
     write_label_png(root / "masks" / "a.png", m)
     with pytest.raises(DatasetError, match=r"classes \[3\]"):
         W.weaken_dataset(root, ["tags"], replace=True)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from spml_deploy.errors import ConfigError, ManifestError, TrainingError
-from spml_deploy.model import (INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_BN_MOMENTUM, EmbeddingNet,
+from spml_deploy.engine.model import (INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_BN_MOMENTUM, EmbeddingNet,
                                load_pretrained_backbone, resolve_stem)
 from spml_deploy.training.weak_labels import box_extent, normalize_in_box
 
@@ -203,7 +203,7 @@ def train_cam(records: Sequence[Any], model_cfg: ModelConfig, train_cfg: TrainCo
     """
     from tqdm.auto import tqdm
 
-    from spml_deploy.imageio import read_image
+    from spml_deploy.data.imageio import read_image
 
     out_path = Path(out_path)
     preprocess = preprocess or PreprocessConfig()

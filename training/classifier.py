@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spml_deploy.config import RunConfig
-from spml_deploy.imageio import read_image, read_label_png
-from spml_deploy.model import PixelClassifier, param_groups
+from spml_deploy.data.imageio import read_image, read_label_png
+from spml_deploy.engine.model import PixelClassifier, param_groups
 from spml_deploy.training.trainset import augment
 
 log = logging.getLogger(__name__)

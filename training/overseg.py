@@ -249,7 +249,7 @@ class OversegCache:
         if arr is not None:
             return arr
         if image is None:
-            from spml_deploy.imageio import read_image
+            from spml_deploy.data.imageio import read_image
 
             image = read_image(path)
         arr = oversegment(image, self.method, self.max_regions)

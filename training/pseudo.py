@@ -12,10 +12,10 @@ Stages, each resumable (its outputs are files in the run folder; a finished stag
   ``memory.npz`` (prototypes + labels) and as a FAISS index of the prototypes
   (``memory_index.npz``, id = row of ``memory.npz``; type ``segmentation.memory_index``, default
   ``flat`` = exact) for kNN label retrieval (k = 20). Without FAISS installed the index file is
-  an exact torch index of the same format (:func:`spml_deploy.index.load_index` reads both).
+  an exact torch index of the same format (:func:`spml_deploy.engine.index.load_index` reads both).
 DenseCRF (spec 7.5) is applied where the spec puts it -- after the random walk of Algorithm 1
 and of Algorithm 2's CAM walk, and after the soft kNN vote -- only with ``train.crf`` (it needs
-the optional ``pydensecrf2`` package; see :mod:`spml_deploy.crf`). Round 2's one-step walk has
+the optional ``pydensecrf2`` package; see :mod:`spml_deploy.engine.crf`). Round 2's one-step walk has
 no CRF (spec 7.4, Algorithm 2 step 5).
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import VOID, RunConfig
-from spml_deploy.imageio import read_image, read_label_png, write_label_png
-from spml_deploy.pipeline import (Prepared, crf_at_original, labels_to_original, preprocess,
-                                  valid_cells)
-from spml_deploy.prototypes import resize_labels_nearest, segment_memory
-from spml_deploy.refine import normalize_score_map, random_walk, refine_labels
+from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
+from spml_deploy.engine.crf import crf_at_original
+from spml_deploy.engine.preprocess import Prepared, labels_to_original, preprocess, valid_cells
+from spml_deploy.engine.prototypes import resize_labels_nearest, segment_memory
+from spml_deploy.engine.refine import normalize_score_map, random_walk, refine_labels
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def embed(net, image: np.ndarray, cfg: RunConfig, device) -> tuple[list[torch.Te
 def _scores_to_labels(up: torch.Tensor, prep: Prepared, image: np.ndarray | None) -> np.ndarray:
     """Scores at the resized size [1, C, rh, rw] -> label map at the original size: argmax, or
     with ``image`` (the original RGB image) the argmax of the DenseCRF marginals
-    (:func:`spml_deploy.pipeline.crf_at_original`; the scores are used as given)."""
+    (:func:`spml_deploy.engine.crf.crf_at_original`; the scores are used as given)."""
     if image is None:
         lab = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
         return labels_to_original(lab, prep)
@@ -151,7 +151,7 @@ def knn_propagate(net, pairs, memory: tuple[np.ndarray, np.ndarray], cfg: RunCon
                   progress: bool = True) -> list[tuple[Path, Path]]:
     """Algorithm 2 step 3: soft kNN votes of each image's segments, per-class max(., 0.15)
     normalisation of present classes, argmax -> ``out_dir/<stem>.png``."""
-    from spml_deploy.index import soft_vote
+    from spml_deploy.engine.index import soft_vote
 
     mem = torch.from_numpy(memory[0]).to(device)
     mem_labels = torch.from_numpy(memory[1]).to(device)
@@ -258,14 +258,14 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
     del clf
     if not (run_dir / MEMORY).is_file():
         protos, labels = memory_from_labels(net, final_pairs, cfg, device, progress)
-        from spml_deploy.imageio import atomic_write_bytes
+        from spml_deploy.data.imageio import atomic_write_bytes
         import io
 
         buf = io.BytesIO()
         np.savez(buf, prototypes=protos.astype(np.float32), labels=labels)
         atomic_write_bytes(run_dir / MEMORY, buf.getvalue())
     if not (run_dir / MEMORY_INDEX).is_file():     # written after the memory: a resume rebuilds it
-        from spml_deploy.index import build_memory_index
+        from spml_deploy.engine.index import build_memory_index
 
         with np.load(run_dir / MEMORY, allow_pickle=False) as z:
             build_memory_index(z["prototypes"], cfg.segmentation.memory_index).save(
@@ -282,7 +282,7 @@ def _present_tags(tags, C: int, device) -> torch.Tensor:
 
 def _classifier_stage(path: Path, net, pairs, cfg, C, device, iters, progress, desc):
     from spml_deploy.artifacts import load_weights
-    from spml_deploy.model import PixelClassifier
+    from spml_deploy.engine.model import PixelClassifier
     from spml_deploy.training.classifier import STANDALONE_DROPOUT, train_classifier
 
     if path.is_file():

@@ -2,8 +2,8 @@
 
 From the raw embeddings of a batch and its weak labels, regions and tags:
 
-1. per-image spherical k-means on the non-void pixels (``spml_deploy.kmeans``);
-2. segments = unique (image, cluster, label, region) (``spml_deploy.prototypes``), with
+1. per-image spherical k-means on the non-void pixels (``spml_deploy.engine.kmeans``);
+2. segments = unique (image, cluster, label, region) (``spml_deploy.engine.prototypes``), with
    differentiable prototypes ``mu_s = normalize(sum phi)`` and ``nu_s = normalize(sum psi)``;
 3. the segment pool of the batch (all processes, :func:`gather_pool`) plus the detached memory
    bank of the previous iterations (:class:`MemoryBank`, relationships A, C and O only);
@@ -27,8 +27,8 @@ from torch import Tensor
 
 from spml_deploy.config import VOID, CompatConfig, LossConfig, SegmentationConfig
 from spml_deploy.errors import ConfigError, TrainingError
-from spml_deploy.kmeans import clustering_features, kmeans_clusters, l2_normalize, location_features
-from spml_deploy.prototypes import Segments, form_segments, pool_prototypes
+from spml_deploy.engine.kmeans import clustering_features, kmeans_clusters, l2_normalize, location_features
+from spml_deploy.engine.prototypes import Segments, form_segments, pool_prototypes
 from spml_deploy.training.affinity import affinity_features, propagate_labels
 from spml_deploy.training.losses import (Impl, chunk_rows, contrastive_nll,
                                          grouped_contrastive_nll, run_chunked, segsort_plus_loss,
@@ -320,7 +320,7 @@ def spml_losses(
         raise TrainingError(
             f"spml_losses: labels {tuple(labels.shape)} and regions {tuple(regions.shape)} must be "
             f"[{b}, {h}, {w}] (the embedding grid)",
-            fix="resize them with spml_deploy.prototypes.resize_labels_nearest first")
+            fix="resize them with spml_deploy.engine.prototypes.resize_labels_nearest first")
     if tags.dim() != 2 or tags.shape[0] != b:
         raise TrainingError(f"spml_losses: tags must be [B={b}, C], got {tuple(tags.shape)}")
     if image_similarity_features not in ("psi", "phi"):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_text, load_weights,
                                    provenance, write_manifest)
 from spml_deploy.config import RunConfig, from_dict, to_dict
-from spml_deploy.data import Dataset
+from spml_deploy.data.dataset import Dataset
 from spml_deploy.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device,
                  distributed: bool = False):
-        from spml_deploy.model import build_model, param_groups
+        from spml_deploy.engine.model import build_model, param_groups
 
         self.cfg, self.C, self.device = cfg, num_classes, device
         self.net, self.f0 = build_model(cfg.model, pretrained=cfg.train.pretrained or None)
@@ -151,7 +151,7 @@ class Trainer:
         self.f0.train()
 
     def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        from spml_deploy.prototypes import resize_labels_nearest
+        from spml_deploy.engine.prototypes import resize_labels_nearest
 
         cfg, C = self.cfg, self.C
         x = batch["image"].to(self.device, non_blocking=True)
@@ -220,18 +220,18 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     if cfg.train.crop % 8:
         raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
                           fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
-    from spml_deploy.index import INDEX_TYPES
+    from spml_deploy.engine.index import INDEX_TYPES
 
     if cfg.segmentation.memory_index not in INDEX_TYPES:
         raise ConfigError(f"segmentation.memory_index '{cfg.segmentation.memory_index}' is not an "
                           f"index type", fix=f"choose one of {', '.join(INDEX_TYPES)} "
                           "(flat = exact search, the default)")
     if cfg.train.crf:
-        from spml_deploy.crf import require_crf
+        from spml_deploy.engine.crf import require_crf
 
         require_crf()       # before any training, not after it at the pseudo-label stage
     if cfg.train.pretrained:    # download (or fail) before any data preparation or training
-        from spml_deploy.pretrained import pretrained_file
+        from spml_deploy.engine.pretrained import pretrained_file
 
         if not pretrained_file(cfg.train.pretrained, cfg.model.backbone).is_file():
             raise ConfigError("pretrained weights file not found", path=cfg.train.pretrained,
@@ -302,10 +302,10 @@ def _train_records(dataset: Dataset, split: str) -> list:
 
 def evaluate_f0(net, f0, dataset: Dataset, split: str, cfg: RunConfig, device) -> dict[str, Any]:
     """mIoU of f0's predictions on a split with masks (same scoring code as ``spml-deploy eval``)."""
-    from spml_deploy.data import load_mask
-    from spml_deploy.imageio import read_image
-    from spml_deploy.metrics import ConfusionMeter
-    from spml_deploy.pipeline import predict_logits
+    from spml_deploy.data.dataset import load_mask
+    from spml_deploy.data.imageio import read_image
+    from spml_deploy.evaluation.metrics import ConfusionMeter
+    from spml_deploy.engine.pipeline import predict_logits
 
     meter = ConfusionMeter(dataset.num_classes)
     net.eval()
@@ -327,7 +327,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     """Train SPML embeddings (or a baseline) on ``dataset_root``; write the run folder ``out``.
 
     ``echo``: where to print the stages and their budgets (and the step a resume starts from)."""
-    from spml_deploy.data import load_dataset
+    from spml_deploy.data.dataset import load_dataset
 
     from spml_deploy.training import distributed as dist_utils
 
@@ -447,7 +447,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     atomic_torch_save(weights, out / WEIGHTS)
     final_val = None
     if has_val:
-        from spml_deploy.model import PixelClassifier
+        from spml_deploy.engine.model import PixelClassifier
 
         clf = trainer.f0
         if "f1" in weights:
@@ -463,7 +463,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
 
 def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,
                        val: dict[str, Any] | None, extra_files: dict[str, str] | None = None) -> Path:
-    from spml_deploy.imageio import default_palette
+    from spml_deploy.data.imageio import default_palette
 
     m = Manifest(kind="run", model=cfg.model, preprocess=cfg.preprocess,
                  classes=list(dataset.class_names),
@@ -493,7 +493,7 @@ def _cams(dataset: Dataset, records, cfg: RunConfig, out: Path, dev, progress: b
 
     path = train_cam(records, cfg.model, cfg.train, dev, out / "cache" / "cam.pt", progress=progress)
     model = load_cam_model(path, cfg.model, dev)
-    from spml_deploy.imageio import read_image
+    from spml_deploy.data.imageio import read_image
 
     cams = {}
     for rec in tqdm(records, desc="class activation maps", disable=not progress, leave=False):

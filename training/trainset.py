@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from spml_deploy.config import VOID, RunConfig
-from spml_deploy.data import Dataset, ImageRecord
-from spml_deploy.imageio import read_image, read_label_png, write_label_png
+from spml_deploy.data.dataset import Dataset, ImageRecord
+from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
 
 log = logging.getLogger(__name__)
 

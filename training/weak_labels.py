@@ -456,7 +456,7 @@ def weak_label_map(record: Any, kind: str, num_classes: int, cfg: Any = None,
     * ``tags``: :func:`labels_from_tags` with ``cams`` ([C-1, H, W]).
 
     Args:
-        record: a ``spml_deploy.data.ImageRecord``.
+        record: a ``spml_deploy.data.dataset.ImageRecord``.
         kind: one of ``full, scribbles, points, boxes, tags``.
         num_classes: ``C``.
         cfg: a ``TrainConfig`` (scribble_width, point_dilation, cam_alpha, cam_threshold,
@@ -486,14 +486,14 @@ def weak_label_map(record: Any, kind: str, num_classes: int, cfg: Any = None,
         raise TrainingError(f"image '{name}' has no {_kind_phrase(kind)}; it has: {have}",
                             fix="choose a --supervision kind the dataset has (spml-deploy data check)")
     if kind == "full":
-        from spml_deploy.data import load_mask
+        from spml_deploy.data.dataset import load_mask
 
         mask = np.asarray(load_mask(record, num_classes))   # checks size and class ids
         return mask.astype(np.uint8, copy=True)
     if kind in ("scribbles", "points"):
         items = list(getattr(record, kind, ()) or ())
         if not items and getattr(record, "sparse_path", None) is not None:
-            from spml_deploy.data import load_sparse
+            from spml_deploy.data.dataset import load_sparse
 
             return labels_from_sparse(load_sparse(record, num_classes), num_classes, unl,
                                       path=str(record.sparse_path))

@@ -26,7 +26,10 @@ import importlib
 import logging
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from spml_deploy.engine.preprocess import Prepared
 from spml_deploy.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -91,3 +94,10 @@ def dense_crf(image: np.ndarray, scores: np.ndarray, *, iters: int = 10,
                              rgbim=np.ascontiguousarray(image), compat=float(bilateral_weight))
     q = np.array(crf.inference(int(iters)), dtype=np.float32)        # [C, H*W]
     return q.reshape(C, H, W)
+
+def crf_at_original(image: np.ndarray, scores: torch.Tensor, prep: Prepared) -> np.ndarray:
+    """DenseCRF marginals float32 [C, H, W] of one image (spec 7.5): its class scores at the
+    resized size [1, C, rh, rw] resized (bilinear) to the original size H x W and refined with
+    the original RGB image (uint8 [H, W, 3]). Needs the optional CRF package."""
+    s = F.interpolate(scores.float(), size=prep.orig_hw, mode="bilinear", align_corners=False)[0]
+    return dense_crf(np.ascontiguousarray(image, np.uint8), s.cpu().numpy())

@@ -381,7 +381,7 @@ class ExactIndex:
         meta, arrays = _read_npz(path)
         if meta.get("kind") != cls.kind:
             raise ManifestError(f"expected an exact index, found kind {meta.get('kind')!r}", path=path,
-                                fix="use spml_deploy.index.load_index")
+                                fix="use spml_deploy.engine.index.load_index")
         out = cls(meta["dim"], getattr(torch, meta["dtype"]), device)
         out._vectors = torch.from_numpy(arrays["vectors"]).to(out.device)
         out._ids = arrays["ids"].astype(np.int64)
@@ -609,7 +609,7 @@ class PrototypeIndex:
         meta, arrays = _read_npz(path)
         if meta.get("kind") != cls.kind:
             raise ManifestError(f"expected a FAISS index, found kind {meta.get('kind')!r}", path=path,
-                                fix="use spml_deploy.index.load_index")
+                                fix="use spml_deploy.engine.index.load_index")
         out = cls(meta["dim"], meta["index_type"], use_gpu=use_gpu, gpu_device=gpu_device)
         out.params.update(meta["params"])
         out._ids = arrays["ids"].astype(np.int64)
@@ -791,7 +791,7 @@ class ShardedIndex:
         meta = read_index_meta(path)
         if meta.get("kind") != cls.kind:
             raise ManifestError(f"expected a sharded index, found kind {meta.get('kind')!r}",
-                                path=path, fix="use spml_deploy.index.load_index")
+                                path=path, fix="use spml_deploy.engine.index.load_index")
         out = cls(meta["dim"], meta["num_shards"], meta["index_type"], use_gpu=use_gpu)
         gpus = _faiss().get_num_gpus() if use_gpu and gpu_available() else 0
         for s, (name, n) in enumerate(zip(meta["shard_files"], meta["shard_ntotal"])):

@@ -1,10 +1,10 @@
 """Certified Chebyshev random walk: ``M T^s ~= M p(T)`` with a polynomial of degree << s.
 
-The ``chebyshev`` method of :func:`spml_deploy.refine.random_walk` (spec section 7.2; the walk,
+The ``chebyshev`` method of :func:`spml_deploy.engine.refine.random_walk` (spec section 7.2; the walk,
 its notation, the truncation certificate and the measured accuracy and speed of every method are
-described in :mod:`spml_deploy.refine`). This module also owns the few basics that both walk
+described in :mod:`spml_deploy.engine.refine`). This module also owns the few basics that both walk
 modules need (:class:`WalkReport`, the input checks, the chunking and the memory budget):
-:mod:`spml_deploy.refine` imports them from here, so there is no import cycle.
+:mod:`spml_deploy.engine.refine` imports them from here, so there is no import cycle.
 
 Chebyshev walk. ``A`` is a Gaussian kernel of the embeddings (``exp(-50 |phi_i - phi_j|^2)``
 for unit vectors; ``exp(c G)`` of a Gram matrix in general), hence positive semi-definite, and
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PhiLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 #: Affinities below this value are dropped by the fast paths (``matvec``, ``topk``, and at most
-#: this by ``chebyshev``); see :mod:`spml_deploy.refine` for the error bound (``steps * N * 1e-12``).
+#: this by ``chebyshev``); see :mod:`spml_deploy.engine.refine` for the error bound (``steps * N * 1e-12``).
 MIN_AFFINITY = 1e-12
 #: Lower end of the spectrum assumed for the symmetric form ``D^-1/2 A D^-1/2`` of the transition
 #: (positive semi-definite: ``A`` is a Gaussian kernel; the margin covers float rounding and the
@@ -61,7 +61,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 
 @dataclass
 class WalkReport:
-    """What :func:`spml_deploy.refine.random_walk` did: the method used for each image and the certified bound.
+    """What :func:`spml_deploy.engine.refine.random_walk` did: the method used for each image and the certified bound.
 
     ``bounds[b]`` is an upper bound on ``max |result - exact walk|`` contributed by truncating
     the transition matrix and, for ``chebyshev``, by the polynomial (0 for ``dense``; float
@@ -74,7 +74,7 @@ class WalkReport:
 
 
 # --------------------------------------------------------------------------------------------
-# shared input checks (also used by spml_deploy.refine)
+# shared input checks (also used by spml_deploy.engine.refine)
 
 
 def _as_list(phi: PhiLike) -> list[torch.Tensor]:

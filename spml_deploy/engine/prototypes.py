@@ -18,7 +18,7 @@ from torch import Tensor
 
 from spml_deploy.config import VOID
 from spml_deploy.errors import SpmlError
-from spml_deploy.kmeans import grid_init, kmeans_clusters, l2_normalize
+from spml_deploy.engine.kmeans import grid_init, kmeans_clusters, l2_normalize
 
 __all__ = [
     "Segments",

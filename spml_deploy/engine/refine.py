@@ -36,7 +36,7 @@ products: with ``torch.backends.cuda.matmul.allow_tf32 = True`` (off by default;
 backend restores the user's setting after the network) the products would round to TF32.
 
 Chebyshev walk: the polynomial, its certificate and the sparse / dense affinity rows are
-described in :mod:`spml_deploy.chebyshev_walk`, which implements it.
+described in :mod:`spml_deploy.engine.chebyshev_walk`, which implements it.
 
 Truncation certificate (``matvec``, ``topk``, sparse ``chebyshev``). Let ``T'`` be ``T`` with
 some entries dropped (renormalised or not) and ``delta_j`` the dropped mass of column ``j`` of
@@ -75,7 +75,7 @@ import torch.nn.functional as F
 # (WalkReport, input checks, chunking, budgets): imported here, and re-exported so that
 # `refine.random_walk_chebyshev`, `refine.chebyshev_degree`, `refine.WalkReport`, ... keep working.
 # Its tuning knobs (SPARSE_MAX_DENSITY, AFFINITY_BLOCK_ROWS, ...) are read from that module.
-from spml_deploy.chebyshev_walk import (  # noqa: F401  (re-exports)
+from spml_deploy.engine.chebyshev_walk import (  # noqa: F401  (re-exports)
     CHEB_LOWER,
     DEFAULT_MAX_BYTES,
     MIN_AFFINITY,

@@ -342,7 +342,7 @@ def read_label_png(path: str | Path, *, max_pixels: int | None = None) -> np.nda
                 f"label map has mode {mode!r}; a label map must be a single-channel PNG "
                 "(palette 'P' or grayscale 'L') of class ids", path=path,
                 fix="convert colour-coded masks to class ids and save them as 'P' or 'L' PNG "
-                    "(spml_deploy.imageio.write_label_png does this)")
+                    "(spml_deploy.data.imageio.write_label_png does this)")
     finally:
         im.close()
     return _apply_orientation(arr, orientation)

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from spml_deploy import __version__
-from spml_deploy import demo as demo_defaults
+from spml_deploy.cli import demo as demo_defaults
 from spml_deploy.errors import SpmlError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -60,7 +60,7 @@ def data_check(dataset: Path, as_json: bool, deep: bool) -> None:
     every image, mask and sparse label map is readable and of the right size, and the splits.
     Exit code 2 with a message naming the file, the entry and the fix on the first problem.
     """
-    from spml_deploy.data import load_dataset
+    from spml_deploy.data.dataset import load_dataset
 
     ds = load_dataset(dataset, check_files=True, decode_images=deep)
     summary = ds.summary()
@@ -90,7 +90,7 @@ def data_synth(out: Path, n_train: int, n_val: int, size: int, seed: int, parts:
     Every image comes with its ground-truth mask and all four weak annotation kinds (tags, boxes,
     points, scribbles), so every supervision setting can be trained and scored offline.
     """
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     report = synthesize(out, n_train=n_train, n_val=n_val, size=size, seed=seed, parts=parts,
                         overwrite=overwrite)
@@ -114,7 +114,7 @@ def data_weaken(dataset: Path, kinds: tuple[str, ...], seed: int, replace_existi
     each instance and the background. Instances are connected components of each class.
     annotations.json is rewritten atomically (a backup is kept as annotations.json.bak).
     """
-    from spml_deploy.weaken import weaken_dataset
+    from spml_deploy.data.weaken import weaken_dataset
 
     click.echo(weaken_dataset(dataset, kinds=kinds, seed=seed, replace=replace_existing))
 
@@ -138,7 +138,7 @@ def eval_cmd(pred_dir: Path, dataset: Path, split: str, json_out: Path | None,
     Prints mIoU, per-class IoU, pixel accuracy and the confusion matrix. 255 in the ground truth
     is ignored.
     """
-    from spml_deploy.metrics import evaluate_folder
+    from spml_deploy.evaluation.metrics import evaluate_folder
 
     result = evaluate_folder(pred_dir, dataset, split=split, allow_missing=allow_missing)
     click.echo(result.format_table())
@@ -254,7 +254,7 @@ def train_cmd(dataset: Path, supervision: str, out: Path, config_file: Path | No
 # segment
 
 
-#: --precision choices (spml_deploy.backends.CLI_PRECISIONS; repeated so --help imports no torch).
+#: --precision choices (spml_deploy.engine.backends.CLI_PRECISIONS; repeated so --help imports no torch).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -282,7 +282,7 @@ def _torch_options(backend: str, device: str, precision: str, channels_last: boo
                 "--precision, --channels-last and --compile apply to the torch backend; an "
                 f"exported {backend} model has its precision from 'spml-deploy export' (--half)")
         return {}
-    from spml_deploy.backends import torch_options
+    from spml_deploy.engine.backends import torch_options
 
     return torch_options(device, precision, channels_last, compile_)
 
@@ -359,7 +359,7 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     With --ray the same job runs as a Ray Data pipeline, with the same outputs, resume and
     failed.txt.
     """
-    from spml_deploy.pipeline import PipelineOptions, load_pipeline
+    from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
 
     options = PipelineOptions(classifier=classifier, refine=refine, crf=crf, knn_search=knn_search)
@@ -525,7 +525,7 @@ def demo_cmd(out: Path, n_train: int, n_val: int, iters: int, lr: float, classif
     segments the validation images; the demo prints each run's mIoU with the location of the
     label maps and overlays. Re-running with the same --out continues.
     """
-    from spml_deploy.demo import run_demo
+    from spml_deploy.cli.demo import run_demo
 
     run_demo(out, n_train=n_train, n_val=n_val, iters=iters, lr=lr,
              classifier_iters=classifier_iters, seed=seed, device=device, echo=click.echo,
@@ -716,7 +716,7 @@ def query_cmd(index_dir: Path, image: Path, point: tuple | None, box: tuple | No
     Give exactly one of --point, --box, --mask. Hits are listed with the full path of their
     image on this machine (the HTTP service shows paths relative to the indexed folder).
     """
-    from spml_deploy.imageio import read_image
+    from spml_deploy.data.imageio import read_image
     from spml_deploy.serving.retrieval import Retriever, query_region, read_mask, render_hits
 
     if sum(v is not None for v in (point, box, mask)) != 1:

@@ -7,7 +7,7 @@ cache (``$TORCH_HOME/hub/checkpoints``, ``~/.cache/torch/hub/checkpoints`` by de
 checked against the sha256 prefix in their file name; later runs read the cached file without
 the network. ``SPML_PRETRAINED_URL`` replaces the download folder (a mirror, or a ``file://``
 folder holding the same file names). Any other value is the path of a local state dict
-(torchvision layout, see :func:`spml_deploy.model.read_pretrained`).
+(torchvision layout, see :func:`spml_deploy.engine.model.read_pretrained`).
 """
 from __future__ import annotations
 

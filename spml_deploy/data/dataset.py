@@ -4,7 +4,7 @@
 
     DATASET/
       images/              RGB images (png, jpg, bmp, webp, tiff; grayscale, RGBA, 16-bit and
-                           EXIF-rotated images are accepted, see spml_deploy.imageio)
+                           EXIF-rotated images are accepted, see spml_deploy.data.imageio)
       annotations.json     weak annotations, COCO-style (always required; may hold no annotations)
       masks/<stem>.png     optional full label maps: uint8 class ids, 255 = ignore
       sparse/<stem>.png    optional sparse label maps: class ids, 255 = unlabeled
@@ -58,7 +58,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from spml_deploy.errors import DatasetError, ImageReadError
-from spml_deploy.imageio import image_size, read_image, read_label_png
+from spml_deploy.data.imageio import image_size, read_image, read_label_png
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``spml-deploy data synth OUT`` writes ``images/``, ``masks/`` (ground truth), ``splits/`` and an
 ``annotations.json`` holding all four weak annotation kinds, derived from the ground truth with
-:mod:`spml_deploy.weaken` (tags, per-instance boxes, one central point per instance plus
+:mod:`spml_deploy.data.weaken` (tags, per-instance boxes, one central point per instance plus
 background points, one stroke per instance plus background strokes). Every supervision setting
 of the method can therefore be trained and scored offline.
 
@@ -82,8 +82,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from spml_deploy.data.imageio import default_palette
+from spml_deploy.data.weaken import annotate_instance_map, derive_tags, format_annotations
 from spml_deploy.errors import ConfigError, SpmlError
-from spml_deploy.weaken import annotate_instance_map, derive_tags
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ def scene_annotations(scene: Scene, rng: np.random.Generator,
 
     Boxes for every visible instance; points and scribbles for instances with at least
     ``scene.min_area`` visible pixels; ``n_background`` background points and strokes. Same
-    derivation as :mod:`spml_deploy.weaken` applies to user datasets.
+    derivation as :mod:`spml_deploy.data.weaken` applies to user datasets.
     """
     anns = annotate_instance_map(scene.instances, scene.classes, scene.mask, rng,
                                  min_area=scene.min_area, n_background=n_background)
@@ -585,7 +586,6 @@ def synthesize(out: str | Path, n_train: int = 200, n_val: int = 50, size: int =
                         "parts" if parts else "scenes", "seed": seed, "size": size},
                "categories": [{"id": i, "name": n} for i, n in enumerate(classes)],
                "images": images, "annotations": anns}
-        from spml_deploy.weaken import format_annotations
         (tmp / "annotations.json").write_text(format_annotations(doc), encoding="utf-8")
         elapsed = time.perf_counter() - t0
         _install(tmp, out)
@@ -645,8 +645,6 @@ def _install(tmp: Path, out: Path) -> None:
 
 def _palette(n: int) -> list[int]:
     """Flat 256-colour palette (the project's default class colours, 255 = white)."""
-    from spml_deploy.imageio import default_palette
-
     return [v for rgb in default_palette(256) for v in rgb]
 
 

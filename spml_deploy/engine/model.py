@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from spml_deploy.config import BACKBONES, ModelConfig
 from spml_deploy.errors import ConfigError
-from spml_deploy.pretrained import pretrained_file
+from spml_deploy.engine.pretrained import pretrained_file
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ def load_pretrained_backbone(net: EmbeddingNet, path: str | Path, freeze: bool =
     differs from the network's, or a file that matches nothing raise :class:`ConfigError` naming
     the file and the expected layout. ``freeze`` then freezes stem and stage 2 (spec 6).
     ``path`` may be ``imagenet`` (torchvision's weights for the backbone, see
-    :func:`spml_deploy.pretrained.pretrained_file`).
+    :func:`spml_deploy.engine.pretrained.pretrained_file`).
     """
     path = pretrained_file(path, net.cfg.backbone)
     state = read_pretrained(path)

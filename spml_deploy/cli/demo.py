@@ -83,10 +83,10 @@ def run_demo(out: Path, n_train: int = DEMO_TRAIN, n_val: int = DEMO_VAL, size: 
     import torch
 
     from spml_deploy.errors import TrainingError
-    from spml_deploy.metrics import evaluate_folder
-    from spml_deploy.pipeline import PipelineOptions, load_pipeline
+    from spml_deploy.evaluation.metrics import evaluate_folder
+    from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
-    from spml_deploy.synth import synthesize
+    from spml_deploy.data.synth import synthesize
 
     out = Path(out)
     t0 = time.perf_counter()

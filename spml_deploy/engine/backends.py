@@ -1,7 +1,7 @@
 """Inference backends: torch (the reference), ONNX Runtime and TensorRT, behind one interface.
 
 Every backend maps a batch of preprocessed images ``x`` [B, 3, H, W] (float32, normalised by
-:func:`spml_deploy.pipeline.preprocess`; H and W multiples of 8) to the same two tensors, as
+:func:`spml_deploy.engine.preprocess.preprocess`; H and W multiples of 8) to the same two tensors, as
 float32 torch tensors on ``backend.device``:
 
 * ``phi``    [B, D, H/4, W/4] unit-length pixel embeddings,
@@ -30,7 +30,7 @@ from torch import Tensor
 from spml_deploy.artifacts import MANIFEST, Manifest, load_weights, model_folder, read_manifest
 from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict
 from spml_deploy.errors import BackendError, ManifestError, require
-from spml_deploy.model import (INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel,
+from spml_deploy.engine.model import (INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel,
                                unit_normalize)
 
 log = logging.getLogger(__name__)

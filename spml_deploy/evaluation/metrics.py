@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from spml_deploy.data import Dataset, ImageRecord, load_dataset
+from spml_deploy.data.dataset import Dataset, ImageRecord, load_dataset
 from spml_deploy.errors import DatasetError, SpmlError
-from spml_deploy.imageio import read_label_png
+from spml_deploy.data.imageio import read_label_png
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,8 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import breadth_first_order
 
+from spml_deploy.data.dataset import load_dataset
+from spml_deploy.data.imageio import atomic_write_text
 from spml_deploy.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -491,7 +493,7 @@ def weaken_dataset(root: str | Path, kinds: Sequence[str], seed: int = 0, replac
                    min_area: int = 16, n_background: int = 2) -> str:
     """Derive weak annotations of a dataset folder from its full masks (``masks/<stem>.png``).
 
-    The dataset is first loaded and validated with :func:`spml_deploy.data.load_dataset` (the
+    The dataset is first loaded and validated with :func:`spml_deploy.data.dataset.load_dataset` (the
     loader every command uses). For every image that has a mask, the requested ``kinds`` are
     derived (see the module docstring) and merged into ``annotations.json``. Without
     ``replace``, refuses when an image with a mask already has annotations of a requested kind;
@@ -499,8 +501,6 @@ def weaken_dataset(root: str | Path, kinds: Sequence[str], seed: int = 0, replac
     rewritten atomically; the previous version is kept as ``annotations.json.bak``. Each
     image's random choices come from ``(seed, image id)``. Returns a short report.
     """
-    from spml_deploy.data import load_dataset
-    from spml_deploy.imageio import atomic_write_text
 
     kinds = _check_kinds(kinds)
     ds = load_dataset(root, check_files=True)
