@@ -370,7 +370,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import onnxruntime
-    from spml_deploy.serving.segment import _io_threads
+    from spml_deploy.engine.forward import io_threads as _io_threads
 
     load_before = format_load()
     with tempfile.TemporaryDirectory() as tmp_s:

@@ -36,30 +36,13 @@ from spml_deploy.engine.backends import (FP32_NODES_METADATA_KEY, INPUT_NAME, ON
                                   OUTPUT_NAMES, load_segmentation_model)
 from spml_deploy.errors import ExportError, require
 from spml_deploy.data.imageio import make_temp_file
-from spml_deploy.engine.model import INPUT_MULTIPLE, SegmentationModel, unit_normalize
+from spml_deploy.engine.model import INPUT_MULTIPLE, SegmentationModel
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 MAX_OPSET = 20          # the TorchScript exporter's newest opset in torch 2.13
 DEFAULT_IMGSZ = 512
-
-
-class MixedPrecisionModel(nn.Module):
-    """fp16 network and classifier, fp32 L2 normalisation, float32 input and outputs.
-
-    Images [B,3,H,W] float32 -> (phi [B,D,H/4,W/4] float32 unit, logits [B,C,H/4,W/4] float32).
-    """
-
-    def __init__(self, model: SegmentationModel):
-        super().__init__()
-        self.net = model.net.half()
-        self.classifier = model.classifier.half()
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.net(x.half()).float()
-        phi = unit_normalize(e, dim=1)
-        return phi, self.classifier(phi.half()).float()
 
 
 def dynamic_axes(dynamic: bool) -> dict[str, dict[int, str]]:
@@ -169,7 +152,8 @@ def export_onnx(run_dir: str | Path, out_path: str | Path, opset: int = MIN_OPSE
     t0 = time.perf_counter()
     model, run_manifest = load_segmentation_model(run_dir)
     h, w = as_hw(imgsz if imgsz is not None else default_imgsz(run_manifest))
-    graph_model: nn.Module = MixedPrecisionModel(model) if half else model
+    graph_model: nn.Module = (SegmentationModel(model.net.half(), model.classifier.half())
+                              if half else model)
     graph_model.eval()
     x = torch.randn(batch, 3, h, w)
     out_path = Path(out_path)

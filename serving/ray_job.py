@@ -37,7 +37,7 @@ from spml_deploy.artifacts import model_folder, read_manifest
 from spml_deploy.errors import ConfigError, SpmlError, require
 from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 from spml_deploy.serving.retrieval import IngestSettings, Segmented, _backend, records_of
-from spml_deploy.serving.segment import (InputItem, JobReport, _read, _write, plan_job,
+from spml_deploy.serving.segment import (InputItem, JobReport, _write, plan_job, read_item,
                                          sweep_partial_files)
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class SegmentWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         pp = getattr(self.pipe, "pp", None)
-        reads = [_read(it, pp) for it in _items(batch)]
+        reads = [read_item(it, pp) for it in _items(batch)]
         errors = [r.error or "" for r in reads]
         records, stages = [""] * len(reads), ["{}"] * len(reads)
         good = [i for i, r in enumerate(reads) if r.error is None]
@@ -244,7 +244,7 @@ class IndexWorker:
         self.be = self._backend.__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        reads = [_read(it) for it in _items(batch)]
+        reads = [read_item(it) for it in _items(batch)]
         errors = [r.error or "" for r in reads]
         records = [b""] * len(reads)
         good = [i for i, r in enumerate(reads) if r.error is None]

@@ -50,9 +50,9 @@ from spml_deploy.artifacts import MANIFEST, Manifest, model_folder, read_manifes
 from spml_deploy.config import PreprocessConfig, SegmentationConfig
 from spml_deploy.errors import ConfigError, SpmlError
 from spml_deploy.data.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
-from spml_deploy.engine.preprocess import Prepared, prepare_batch, valid_cells
+from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.prototypes import majority_label, segment_memory
-from spml_deploy.serving.segment import _batches, discover
+from spml_deploy.serving.segment import discover, read_items
 from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
                                        ImageRecord, SegmentRow, SegmentStore, StoreError,
                                        content_hash, rle_encode)
@@ -186,31 +186,13 @@ def segment_geometry(local: np.ndarray, n: int, row_cell: np.ndarray, col_cell: 
 
 
 @torch.no_grad()
-def embed_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray], flip: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Prepared]]:
-    """Batch of RGB uint8 images -> (phi [B, D, h, w] unit, logits [B, C, h, w], valid [B, h, w]
-    bool (non-padding cells), preparation records), exactly as ``Pipeline.predict`` does (when
-    ``flip`` is false).
-
-    ``flip``: also run the mirrored input (the whole padded canvas, so every stride-4 cell maps
-    back onto itself) and average: phi = normalise(phi + mirrored phi), logits = mean of the two
-    (the flip averaging of spec 7.1-7.3)."""
-    x, preps = prepare_batch(list(images), pp)
-    phi, logits = backend(x)
-    if flip:
-        phi_m, logits_m = backend(x.flip(-1))
-        phi = F.normalize(phi + phi_m.flip(-1), dim=1, eps=1e-12)
-        logits = (logits + logits_m.flip(-1)) / 2
-    return phi, logits, valid_cells(preps, *phi.shape[-2:], phi.device, STRIDE), preps
-
-
-@torch.no_grad()
 def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
                    grid: tuple[int, int], iters: int, num_classes: int, flip: bool = False
                    ) -> list[SegmentedImage]:
     """Segments, prototypes, classes, boxes, areas and masks of a batch of images (``flip``: of
-    the flip-averaged embeddings, see :func:`embed_images`)."""
-    phi, logits, valid, preps = embed_images(backend, pp, images, flip)
+    the flip-averaged embeddings and logits, :attr:`Forward.phi` / :attr:`Forward.logits`)."""
+    fw = Engine(backend, pp).run(list(images), flip=flip)
+    phi, logits, valid, preps = fw.phi, fw.logits, fw.valid, fw.prepped
     protos, _, batch, pix = segment_memory(phi, None, valid, grid, iters=iters, return_index=True)
     m = int(protos.shape[0])
     classes = majority_label(logits.argmax(1), pix, m, num_classes)          # [M]
@@ -584,7 +566,7 @@ def local_segmenter(be, manifest: Manifest, batch: int):
     """The segmenter of one process: reader threads one batch ahead, the network here."""
     def segment(todo: list, settings: IngestSettings) -> Iterator[Segmented]:
         with ThreadPoolExecutor(max_workers=2) as readers:
-            for group in _batches(todo, max(1, int(batch)), readers):
+            for group in read_items(todo, max(1, int(batch)), readers):
                 good = [r for r in group if r.error is None]
                 failed = [(str(r.item.path), r.error) for r in group if r.error is not None]
                 records: list[ImageRecord] = []

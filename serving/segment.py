@@ -31,9 +31,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spml_deploy.errors import SpmlError
-from spml_deploy.data.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_image,
-                                 read_label_png, write_label_png)
-from spml_deploy.engine.preprocess import resize_for_network
+from spml_deploy.data.imageio import (IMAGE_EXTENSIONS, atomic_write_bytes, png_is_complete, read_label_png, write_label_png)
+from spml_deploy.config import PreprocessConfig
+from spml_deploy.engine.forward import Read, io_threads, read_batches, read_one
 
 log = logging.getLogger(__name__)
 
@@ -188,50 +188,28 @@ class JobReport:
                 "stages_s": dict(self.stages)}
 
 
-@dataclass
-class _Read:
-    """One image read by a reader thread: the decoded image (None on error), its
-    :func:`resize_for_network` result when a preprocessing config was given, the error message
-    and the seconds spent."""
-
-    item: InputItem
-    image: np.ndarray | None
-    resized: tuple | None
-    error: str | None
-    seconds: float
+def explain_read_error(item: InputItem, exc: SpmlError) -> str:
+    """The failed.txt message of an image that could not be read: a listed file that does not
+    exist is named with the folder its list resolves against."""
+    if item.listed_in is not None and not item.path.exists():
+        return (f"not found: {item.path.absolute()} ({LIST_RULE}, "
+                f"{item.listed_in.parent.absolute()})")
+    return exc.message + (f"; fix: {exc.fix}" if exc.fix else "")
 
 
-def _read(item: InputItem, pp=None) -> _Read:
-    """Read and decode one image; with a :class:`PreprocessConfig` ``pp`` also resize it for the
-    network (off the main thread)."""
-    t = time.perf_counter()
-    try:
-        image = read_image(item.path)
-        resized = resize_for_network(image, pp) if pp is not None else None
-        return _Read(item, image, resized, None, time.perf_counter() - t)
-    except SpmlError as exc:
-        message = exc.message
-        if item.listed_in is not None and not item.path.exists():
-            message = (f"not found: {item.path.absolute()} ({LIST_RULE}, "
-                       f"{item.listed_in.parent.absolute()})")
-        elif exc.fix:
-            message += f"; fix: {exc.fix}"
-        return _Read(item, None, None, message, time.perf_counter() - t)
-    except Exception as exc:  # any decoder error: report it, keep going
-        return _Read(item, None, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t)
+def read_item(item: InputItem, pp: PreprocessConfig | None = None) -> Read:
+    """One input image read (and, with ``pp``, resized) like the job's reader threads do."""
+    return read_one(item, pp, path_of=_item_path, explain=explain_read_error)
 
 
-def _batches(items: list[InputItem], batch: int, pool: ThreadPoolExecutor, pp=None
-             ) -> Iterator[list[_Read]]:
-    """Read images in background threads, one batch ahead of the consumer."""
-    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
-    pending: list[list[Future]] = []
-    for i, chunk in enumerate(chunks):
-        pending.append([pool.submit(_read, it, pp) for it in chunk])
-        if i >= 1:
-            yield [f.result() for f in pending.pop(0)]
-    while pending:
-        yield [f.result() for f in pending.pop(0)]
+def read_items(items: list[InputItem], batch: int, pool: ThreadPoolExecutor,
+               pp: PreprocessConfig | None = None) -> Iterator[list[Read]]:
+    """Batches of input images read in ``pool``'s threads, one batch ahead of the consumer."""
+    return read_batches(items, batch, pool, pp, path_of=_item_path, explain=explain_read_error)
+
+
+def _item_path(item: InputItem) -> Path:
+    return item.path
 
 
 @dataclass
@@ -346,15 +324,15 @@ def run_segment_job(pipeline, source: str | Path, out: Path, *, batch: int = 4,
 
     writes: list[Future] = []
     try:
-        io_threads = _io_threads()
+        threads = io_threads()
         # The network of batch i+1 (this thread) overlaps the classifier / walk / read-out of
         # batch i (the `post` thread) and the IO (reader and writer threads).
-        with ThreadPoolExecutor(max_workers=io_threads) as readers, \
-                ThreadPoolExecutor(max_workers=io_threads) as writers, \
+        with ThreadPoolExecutor(max_workers=threads) as readers, \
+                ThreadPoolExecutor(max_workers=threads) as writers, \
                 ThreadPoolExecutor(max_workers=1) as post_pool:
             pending = None                  # (future of finish, its batch, its staged batch)
             pp = getattr(pipeline, "pp", None)
-            for group in _batches(todo, batch, readers, pp):
+            for group in read_items(todo, batch, readers, pp):
                 good, resized = [], []
                 for r in group:
                     report.stages["read+preprocess"] += r.seconds
@@ -451,13 +429,3 @@ def _finish(fut: Future, results_f, report: JobReport) -> None:
     report.stages["write"] += dt
     results_f.write(json.dumps(record) + "\n")
     report.done += 1
-
-
-def _io_threads() -> int:
-    """Reader and writer threads each: decoding and PNG encoding release the GIL, so they scale
-    with the CPUs (a GPU job needs several to keep up with the network); 2 at least, 8 at most."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:          # not on Linux
-        cpus = os.cpu_count() or 2
-    return max(2, min(8, cpus // 2))

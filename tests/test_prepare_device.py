@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runs import make_run
-import spml_deploy.engine.pipeline as pl
+import spml_deploy.engine.forward as forward_mod
 from spml_deploy.engine.pipeline import load_pipeline
 from spml_deploy.engine.preprocess import prepare_batch
 
@@ -63,7 +63,7 @@ def test_device_resize_gives_the_same_labels(run, monkeypatch):
         calls.append(resized is None)
         return real(imgs, pp, device, resized, resize_on_device=True)
 
-    monkeypatch.setattr(pl, "prepare_batch", on_device)
+    monkeypatch.setattr(forward_mod, "prepare_batch", on_device)
     got = pipe.predict(images)
     assert calls == [True]
     same = sum(int((a.labels == b.labels).sum()) for a, b in zip(ref, got))

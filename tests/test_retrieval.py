@@ -26,6 +26,7 @@ from runs import make_run
 
 from spml_deploy.artifacts import read_manifest, write_manifest
 from spml_deploy.engine.backends import load_backend
+from spml_deploy.engine.forward import Engine
 from spml_deploy.data.imageio import read_image, read_label_png
 from spml_deploy.engine.preprocess import preprocess
 from spml_deploy.serving import retrieval as R
@@ -108,13 +109,19 @@ def test_pixel_to_cell_hand_example():
 # segments against a slow per-segment reference
 
 
+def _embed(be, pp, images, flip=False):
+    """(phi, logits, valid, preps) of the engine's forward pass, as retrieval runs it."""
+    fw = Engine(be, pp).run(list(images), flip=flip)
+    return fw.phi, fw.logits, fw.valid, fw.prepped
+
+
 def test_segments_match_slow_reference(run, scenes):
     be = load_backend(run)
     pp = be.manifest.preprocess
     images = [read_image(scenes / "images" / "val_00000.png"),
               read_image(scenes / "images" / "val_00001.png")[:50, :37]]   # non-square: padding
     segs = R.segment_images(be, pp, images, (12, 12), 10, be.num_classes)
-    phi, logits, valid, preps = R.embed_images(be, pp, images)
+    phi, logits, valid, preps = _embed(be, pp, images)
     for i, (seg, img) in enumerate(zip(segs, images)):
         H, W = img.shape[:2]
         assert (seg.width, seg.height) == (W, H)
@@ -165,13 +172,13 @@ def test_flip_averaging_is_the_two_pass_mean_mapped_back(run, scenes):
     pp = be.manifest.preprocess
     img = read_image(scenes / "images" / "val_00000.png")
     mirror = np.ascontiguousarray(img[:, ::-1])
-    phi, logits, _, _ = R.embed_images(be, pp, [img], flip=True)
-    p1, l1, _, _ = R.embed_images(be, pp, [img])
-    p2, l2, _, _ = R.embed_images(be, pp, [mirror])
+    phi, logits, _, _ = _embed(be, pp, [img], flip=True)
+    p1, l1, _, _ = _embed(be, pp, [img])
+    p2, l2, _, _ = _embed(be, pp, [mirror])
     assert torch.allclose(phi, F.normalize(p1 + p2.flip(-1), dim=1), atol=1e-6)
     assert torch.allclose(logits, (l1 + l2.flip(-1)) / 2, atol=1e-5)
     assert not torch.allclose(phi, p1, atol=1e-2), "the mirrored pass must change the embedding"
-    phi_m, logits_m, _, _ = R.embed_images(be, pp, [mirror], flip=True)
+    phi_m, logits_m, _, _ = _embed(be, pp, [mirror], flip=True)
     assert torch.allclose(phi_m, phi.flip(-1), atol=1e-6)
     assert torch.allclose(logits_m, logits.flip(-1), atol=1e-5)
 

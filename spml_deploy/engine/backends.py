@@ -30,8 +30,7 @@ from torch import Tensor
 from spml_deploy.artifacts import MANIFEST, Manifest, load_weights, model_folder, read_manifest
 from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict
 from spml_deploy.errors import BackendError, ManifestError, require
-from spml_deploy.engine.model import (INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel,
-                               unit_normalize)
+from spml_deploy.engine.model import INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +200,8 @@ class TorchBackend(Backend):
         self.channels_last = channels_last
         self.classifier_key = model.classifier_key  # type: ignore[attr-defined]
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = model.net.to(dev, memory_format=memory_format).eval()
-        self.classifier = model.classifier.to(dev, memory_format=memory_format).eval()
-        self._net_fn = torch.compile(self.net) if compile else self.net
-        self._clf_fn = torch.compile(self.classifier) if compile else self.classifier
+        self.model = model.to(dev, memory_format=memory_format).eval()
+        self._model_fn = torch.compile(self.model) if compile else self.model
         self.compiled = compile
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -221,15 +218,11 @@ class TorchBackend(Backend):
         old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         try:
-            with torch.inference_mode():
-                with self._autocast():
-                    e = self._net_fn(x)
-                phi = unit_normalize(e.float(), dim=1)          # always fp32
-                with self._autocast():
-                    logits = self._clf_fn(phi)
+            with torch.inference_mode(), self._autocast():
+                phi, logits = self._model_fn(x)     # L2 normalisation in fp32, fp32 outputs
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-        return phi.contiguous(), logits.float().contiguous()
+        return phi.contiguous(), logits.contiguous()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision,
@@ -237,7 +230,7 @@ class TorchBackend(Backend):
                 "classifier": self.classifier_key}
 
     def close(self) -> None:
-        self.net = self.classifier = self._net_fn = self._clf_fn = None  # type: ignore[assignment]
+        self.model = self._model_fn = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------------------------

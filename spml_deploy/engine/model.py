@@ -415,7 +415,13 @@ def unit_normalize(e: Tensor, dim: int = 1, eps: float = NORM_EPS) -> Tensor:
 
 class SegmentationModel(nn.Module):
     """The export/inference graph: images [B,3,H,W] -> (phi [B,D,H/4,W/4] unit embeddings,
-    logits [B,C,H/4,W/4]). The classifier sees the stride-4 unit embeddings."""
+    logits [B,C,H/4,W/4]), both float32. The classifier sees the stride-4 unit embeddings.
+
+    The network and the classifier run in the dtype of their weights (float32; float16 for a
+    half-precision export, whose input is cast to it) or, under ``torch.autocast``, in
+    autocast's dtype; the L2 normalisation always runs in float32. Every backend's torch path
+    (the torch backend, the ONNX export, training's evaluation) calls this one forward pass.
+    """
 
     def __init__(self, net: EmbeddingNet, classifier: PixelClassifier):
         super().__init__()
@@ -423,8 +429,11 @@ class SegmentationModel(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        phi = unit_normalize(self.net(x), dim=1)
-        return phi, self.classifier(phi)
+        dtype = next(self.classifier.parameters()).dtype     # a Python constant when traced
+        e = self.net(x if x.dtype == dtype else x.to(dtype))
+        phi = unit_normalize(e if e.dtype == torch.float32 else e.float(), dim=1)
+        logits = self.classifier(phi if dtype == torch.float32 else phi.to(dtype))
+        return phi, logits if logits.dtype == torch.float32 else logits.float()
 
 
 # ------------------------------------------------------------------------------------------

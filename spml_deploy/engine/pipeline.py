@@ -22,12 +22,13 @@ from spml_deploy.artifacts import model_folder, read_manifest
 from spml_deploy.config import PreprocessConfig
 from spml_deploy.engine.backends import load_backend
 from spml_deploy.engine.crf import crf_at_original, require_crf
+from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.index import (KnnClassifier, MemoryMatrix, gpu_available, index_is_exact,
                                       load_index, meta_is_exact, read_index_meta, topk_vote)
-from spml_deploy.engine.preprocess import (Prepared, class_argmax, labels_to_original, prepare_batch,
-                                          preprocess, upsample_to_input, valid_cells)
+from spml_deploy.engine.preprocess import (Prepared, class_argmax, labels_to_original, preprocess,
+                                          upsample_to_input, valid_cells)
 from spml_deploy.engine.prototypes import segment_memory
-from spml_deploy.engine.refine import normalize_score_map, random_walk
+from spml_deploy.engine.refine import refine_labels
 from spml_deploy.errors import ConfigError, ManifestError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,23 @@ class Pipeline:
         if options.crf:
             require_crf()          # MissingDependencyError with the install recipe, before any image
         self.backend = backend
-        self.pp = preprocess_cfg
         self.class_names = list(class_names)
         self.palette = palette
         self.opt = options
         self.memory = memory
-        self.device = getattr(backend, "device", torch.device("cpu"))
+        self.engine = Engine(backend, preprocess_cfg)
+        self.device = self.engine.device
         self._timings: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @property
+    def pp(self) -> PreprocessConfig:
+        """The preprocessing of the model (the engine's)."""
+        return self.engine.pp
+
+    @pp.setter
+    def pp(self, value: PreprocessConfig) -> None:
+        self.engine.pp = value
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
@@ -160,14 +170,8 @@ class Pipeline:
         :meth:`finish` of one batch in a second thread while this runs for the next one
         (``forward`` calls must come from one thread, as must ``finish`` calls).
         """
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        xt, prepped = prepare_batch(images, self.pp, self.device, resized,
-                                    resize_on_device=self.device.type == "cuda")
-        t = self._tick(timings, "read+preprocess", t)
-        phi, logits = self.backend(xt)
-        self._tick(timings, "network", t)
-        return Staged(images, prepped, tuple(xt.shape[-2:]), phi, logits, timings)
+        fw = self.engine.run(images, resized=resized)
+        return Staged(images, fw.prepped, fw.padded_hw, fw.phi, fw.logits, dict(fw.seconds))
 
     @torch.no_grad()
     def finish(self, staged: "Staged") -> list[Prediction]:
@@ -230,23 +234,17 @@ class Pipeline:
         return F.one_hot(lab, C).permute(0, 3, 1, 2).float()
 
     def _refine(self, scores: torch.Tensor, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Random walk on the 1/8 grid (spec 7.2) over the valid (non-padding) cells; classes
-        that win no pixel of the image are treated as absent (zeroed before the walk)."""
-
-        B, C, h, w = scores.shape
-        h8, w8 = max(1, h // 2), max(1, w // 2)
-        s8 = F.interpolate(scores, size=(h8, w8), mode="bilinear", align_corners=False)
-        v8 = F.interpolate(valid[:, None].float(), size=(h8, w8), mode="area")[:, 0] >= 0.5
+        """Random walk (spec 7.2, :func:`refine_labels` at the stride-4 size: a grid of half its
+        cells, i.e. the 1/8 grid) over the valid (non-padding) cells; classes that win no pixel
+        of the image are treated as absent (zeroed before the walk). Returns the refined scores
+        [B, C, h, w]."""
+        C = scores.shape[1]
         present = F.one_hot(scores.argmax(1), C).flatten(1, 2).amax(1).bool()      # [B, C]
-        s8 = normalize_score_map(s8, present, v8)
-        p8 = F.normalize(F.interpolate(phi.float(), size=(h8, w8), mode="bilinear",
-                                       align_corners=False), dim=1, eps=1e-12)
-        out = random_walk(s8.flatten(2), p8.flatten(2), method=self.opt.rw_method,
-                          beta=self.opt.rw_beta, alpha=self.opt.rw_alpha,
-                          squarings=self.opt.rw_squarings, valid=v8.flatten(1))
-        return F.interpolate(out.view(B, C, h8, w8), size=(h, w), mode="bilinear",
-                             align_corners=False)
-
+        _, out = refine_labels(scores, phi.float(), present, tuple(scores.shape[-2:]), stride=2,
+                               valid=valid, method=self.opt.rw_method, beta=self.opt.rw_beta,
+                               alpha=self.opt.rw_alpha, squarings=self.opt.rw_squarings,
+                               return_scores=True)
+        return out
 
 class PrototypeMemory:
     """The training set's segment prototypes with their labels, for kNN label retrieval (spec 7.3).
