@@ -30,7 +30,9 @@ from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_tex
                                    provenance, write_manifest)
 from spml_deploy.config import RunConfig, from_dict, to_dict
 from spml_deploy.data.dataset import Dataset
+from spml_deploy.engine.model import SegmentationModel
 from spml_deploy.errors import ConfigError, TrainingError
+from spml_deploy.evaluation.model_scores import score_model
 
 log = logging.getLogger(__name__)
 
@@ -301,23 +303,11 @@ def _train_records(dataset: Dataset, split: str) -> list:
 
 
 def evaluate_f0(net, f0, dataset: Dataset, split: str, cfg: RunConfig, device) -> dict[str, Any]:
-    """mIoU of f0's predictions on a split with masks (same scoring code as ``spml-deploy eval``)."""
-    from spml_deploy.data.dataset import load_mask
-    from spml_deploy.data.imageio import read_image
-    from spml_deploy.evaluation.metrics import ConfusionMeter
-    from spml_deploy.engine.pipeline import predict_logits
-
-    meter = ConfusionMeter(dataset.num_classes)
+    """mIoU of f0's predictions on a split with masks (same scoring code as ``spml-deploy eval``;
+    :func:`spml_deploy.evaluation.model_scores.score_model`)."""
     net.eval()
     f0.eval()
-    with torch.no_grad():
-        for rec in dataset.split(split):
-            gt = load_mask(rec)
-            if gt is None:
-                continue
-            logits = predict_logits(net, f0, read_image(rec.path), cfg.preprocess, device)
-            meter.update(logits.argmax(0).cpu().numpy(), gt)
-    return meter.scores(dataset.class_names).to_dict()
+    return score_model(SegmentationModel(net, f0), cfg.preprocess, dataset, split, device=device)
 
 
 def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str = "tiny",

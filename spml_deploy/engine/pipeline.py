@@ -25,27 +25,12 @@ from spml_deploy.engine.crf import crf_at_original, require_crf
 from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.index import (KnnClassifier, MemoryMatrix, gpu_available, index_is_exact,
                                       load_index, meta_is_exact, read_index_meta, topk_vote)
-from spml_deploy.engine.preprocess import (Prepared, class_argmax, labels_to_original, preprocess,
-                                          upsample_to_input, valid_cells)
+from spml_deploy.engine.preprocess import (Prepared, class_argmax, labels_to_original, valid_cells)
 from spml_deploy.engine.prototypes import segment_memory
 from spml_deploy.engine.refine import refine_labels
 from spml_deploy.errors import ConfigError, ManifestError, MissingDependencyError
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def predict_logits(net: torch.nn.Module, classifier: torch.nn.Module, image: np.ndarray,
-                   pp: PreprocessConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Class logits [C, H, W] at the original image size from the torch modules (eval mode)."""
-    x, prep = preprocess(image, pp)
-    e = net(torch.from_numpy(x)[None].to(device))
-    logits = classifier(F.normalize(e, dim=1, eps=1e-12))
-    logits = upsample_to_input(logits, prep)
-    return F.interpolate(logits, size=prep.orig_hw, mode="bilinear", align_corners=False)[0]
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
