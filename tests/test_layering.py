@@ -13,7 +13,8 @@ Layers, bottom to top (a layer imports only the layers below it):
   that need them, so ``spml-deploy --help`` imports no stage and no heavy optional dependency.
 
 Inside the core every import of the package's own modules is at module level (no import
-hidden in a function body).
+hidden in a function body). ``spml_deploy/__init__.py`` is the public API: a table of names
+resolved on first use (so importing the package loads nothing heavy), checked below.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ HEAVY = ("tensorrt", "faiss", "onnxruntime", "onnx", "fastapi", "uvicorn", "ray"
 def _imports(path: Path, top_only: bool = False) -> list[tuple[str, int, int, bool]]:
     """(module, line, level, at module level) of every import statement in a file."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    # `if TYPE_CHECKING:` blocks are for type checkers only (the public API's name table)
+    typing_only = {id(c) for n in tree.body if isinstance(n, ast.If)
+                   and getattr(n.test, "id", "") == "TYPE_CHECKING" for c in ast.walk(n)}
     top = {id(n) for n in tree.body}
     # imports under a module-level `if TYPE_CHECKING:` / `try:` count as module level
     for n in tree.body:
@@ -45,6 +49,8 @@ def _imports(path: Path, top_only: bool = False) -> list[tuple[str, int, int, bo
             top |= {id(c) for c in ast.walk(n)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno, 0, id(node) in top) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -129,3 +135,19 @@ def test_help_imports_no_heavy_dependency():
             "print('HEAVY', bad, 'STAGES', stages)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY [] STAGES []" in out.stdout, out.stdout + out.stderr
+
+
+def test_public_api_is_lazy_and_complete():
+    """``import spml_deploy`` loads neither torch nor a stage; every public name resolves to the
+    object of the module the API table names."""
+    code = ("import sys, spml_deploy\n"
+            "print('LOADED', sorted(m for m in sys.modules if m == 'torch' or "
+            "m.startswith('spml_deploy.')))\n"
+            "import importlib\n"
+            "for name, mod in spml_deploy._API.items():\n"
+            "    assert getattr(spml_deploy, name) is getattr(importlib.import_module(mod), name), name\n"
+            "print('OK', len(spml_deploy._API))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout, out.stdout
+    assert "OK" in out.stdout
