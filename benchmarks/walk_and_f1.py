@@ -9,11 +9,11 @@
 RUN is a run or bundle folder with config.json and weights.pt (its f0 gives the score maps);
 the test size is 128 px. One torch thread.
 """
-import sys, json, time, torch, numpy as np
+import sys, json, time, torch
 from dataclasses import replace
 from pathlib import Path
 torch.set_num_threads(1)
-from spml_deploy.config import RunConfig, from_dict, VOID
+from spml_deploy.config import RunConfig, from_dict
 from spml_deploy.engine.model import build_model
 from spml_deploy.artifacts import load_weights
 from spml_deploy.data.dataset import load_dataset, load_mask
@@ -22,7 +22,6 @@ from spml_deploy.training.train import evaluate_f0
 from spml_deploy.training.classifier import train_classifier
 from spml_deploy.training import pseudo
 from spml_deploy.training.weak_labels import weak_label_map
-from spml_deploy.data.imageio import read_image
 run, data, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = from_dict(RunConfig, json.load(open(run / "config.json")))
 cfg = replace(cfg, preprocess=replace(cfg.preprocess, max_side=128))
@@ -44,16 +43,18 @@ else:
     for sq in [None, 0, 1, 2, 3, 6]:
         m = ConfusionMeter(C)
         c = replace(cfg, segmentation=replace(cfg.segmentation, rw_squarings=sq if sq is not None else 0))
-        for r in recs[:100]:
-            image = read_image(r.path); gt = load_mask(r)
+        by_path = {Path(r.path): r for r in recs[:100]}
+        model = pseudo.SegmentationModel(net, f0)
+        for seen in pseudo._passes(model, c, list(by_path), Path, dev, "walk", False):
+            r = by_path[seen.item]
+            image, gt = seen.image, load_mask(r)
             weak = weak_label_map(r, "points", C, c.train, strict=False)
-            passes, prep, _ = pseudo.embed(net, image, c, dev)
-            probs = sum(torch.softmax(f0(p), dim=1) for p in passes) / len(passes)
+            prep, probs = seen.prep, seen.mean_probs()
             if sq is None:   # no walk: argmax of f0 restricted to present classes
                 present = pseudo._present(weak, C, dev)
                 up = torch.nn.functional.interpolate(probs * present[..., None, None], size=prep.padded_hw, mode="bilinear", align_corners=False)
                 lab = pseudo._scores_to_labels(up[..., :prep.resized_hw[0], :prep.resized_hw[1]], prep, None)
             else:
-                lab = pseudo._walk_to_labels(probs, passes, prep, pseudo._present(weak, C, dev), c)
+                lab = pseudo._walk_to_labels(probs, seen.phis, prep, pseudo._present(weak, C, dev), c)
             m.update(lab, gt)
         print(f"pseudo labels (points, f0 of the run), squarings {sq}: train mIoU {100*m.scores(ds.class_names).miou:.1f}", flush=True)
