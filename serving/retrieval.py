@@ -374,10 +374,10 @@ def _exclusive(index_dir: Path) -> Iterator[None]:
 
 
 def open_model(model_path: str | Path | Bundle, verify: bool = True) -> Bundle:
-    """The run folder or bundle of ``model_path`` (the folder, a file inside it, or an opened
-    :class:`Bundle`), verified once when ``verify``."""
+    """The run folder or bundle of ``model_path`` (the folder, a file inside it), verified
+    when ``verify``; an opened :class:`Bundle` is returned unchanged."""
     if isinstance(model_path, Bundle):
-        return load_bundle(model_path, verify=verify)
+        return model_path
     return load_bundle(model_folder(model_path), verify=verify)
 
 

@@ -139,10 +139,10 @@ def test_verify_false_then_verify_checks_once(run, monkeypatch):
     monkeypatch.setattr(artifacts, "sha256_file", lambda p, *a: hashed.update([Path(p).name])
                         or real(p, *a))
     b = load_bundle(run, verify=False)
-    assert not b.verified and not hashed
-    load_bundle(b)
-    load_bundle(b)
-    assert hashed == Counter({"weights.pt": 1, "config.json": 1})
+    assert load_bundle(b) is b and not b.verified and not hashed    # unchanged, not verified
+    b.verify()
+    b.verify()
+    assert b.verified and hashed == Counter({"weights.pt": 1, "config.json": 1})
 
 
 def test_corrupt_file_is_refused_by_load_bundle(tmp_path):

@@ -165,13 +165,11 @@ def load_bundle(path: str | Path | Bundle, verify: bool = True) -> Bundle:
     ``model.engine``, ``spml.json``); a bare ``model.onnx`` without ``spml.json`` next to it
     is opened with the manifest of its metadata.
 
-    ``verify`` checks every listed file's sha256 (once per Bundle). A :class:`Bundle` is
-    returned as it is (verified first when asked and not yet done). Errors are
-    :class:`ManifestError` naming the path and the fix.
+    ``verify`` checks every listed file's sha256. A :class:`Bundle` is returned unchanged:
+    whoever opened it chose whether to verify it (:meth:`Bundle.verify` checks it later).
+    Errors are :class:`ManifestError` naming the path and the fix.
     """
     if isinstance(path, Bundle):
-        if verify:
-            path.verify()
         return path
     p = Path(path)
     folder = model_folder(p)
