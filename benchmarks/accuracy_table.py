@@ -109,7 +109,7 @@ def add_label_memory(run: Path, data: Path, device: str = "cpu") -> None:
     import numpy as np
 
     from spml_deploy.artifacts import read_manifest, write_manifest
-    from spml_deploy.engine.backends import load_segmentation_model
+    from spml_deploy.engine.bundle import load_bundle
     from spml_deploy.config import RunConfig, from_dict
     from spml_deploy.data.dataset import load_dataset
     from spml_deploy.data.imageio import atomic_write_bytes
@@ -120,7 +120,7 @@ def add_label_memory(run: Path, data: Path, device: str = "cpu") -> None:
     if "memory" in manifest.files:
         return
     cfg = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
-    model, _ = load_segmentation_model(run)
+    model = load_bundle(run).segmentation_model()
     dataset = load_dataset(data)
     pairs = [(r.path, r.mask_path) for r in dataset.split(cfg.train.train_split)]
     protos, labels = memory_from_labels(model.net.to(device), pairs, cfg, device, progress=False)

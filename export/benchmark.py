@@ -12,11 +12,9 @@ images of ``imgsz`` x ``imgsz``. Each batch is timed in three stages:
   (:func:`spml_deploy.engine.preprocess.class_argmax`) -> uint8 label maps on the host (the classifier
   read-out; k-means/random walk are the same host code for every backend).
 
-Until the preprocessing went through ``prepare_batch``, each image was normalised to float32 on
-the host, one at a time (``pipeline.preprocess`` in numpy: 94.5 ms per batch of 16 512x512
-images on an H200 machine, 5.9 ms per image; 9 ms per image on the 2-core development CPU), and
-four times the bytes were copied to the GPU, whose network needed 12.7 ms for the batch. On the
-CPU both paths do the same float work (same values, same time).
+Normalising each image to float32 on the host instead would copy four times the bytes to the
+GPU and do per-image float work there (measurements in benchmarks/results/). On the CPU both
+paths do the same float work (same values, same time).
 
 ``backends=None`` (the command line's default) runs the backends that can run here: torch,
 ONNX Runtime when installed and the bundle has ``model.onnx``, TensorRT when installed, on a
@@ -45,8 +43,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from spml_deploy.artifacts import model_folder, read_manifest
+from spml_deploy.artifacts import model_folder
 from spml_deploy.engine.backends import ENGINE_FILE, KINDS, ONNX_FILE, Backend, load_backend
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.errors import ExportError, SpmlError
 from spml_deploy.engine.model import count_flops
 from spml_deploy.engine.preprocess import class_argmax, prepare_batch
@@ -56,9 +55,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKENDS = KINDS
 
 
-def available_backends(path: str | Path, device: str) -> tuple[list[str], dict[str, str]]:
+def available_backends(path: str | Path | Bundle,
+                       device: str) -> tuple[list[str], dict[str, str]]:
     """The backends that can run ``path`` on ``device`` here, and why each other one cannot."""
-    folder = model_folder(path)
+    folder = path.folder if isinstance(path, Bundle) else model_folder(path)
     cuda = torch.device(device).type == "cuda"
     usable, missing = ["torch"], {}
     if importlib.util.find_spec("onnxruntime") is None:
@@ -154,11 +154,12 @@ def _summary(times: dict[str, list[float]], batch: int, gflop_per_image: float,
     }
 
 
-def benchmark(path: str | Path, backends: Sequence[str] | None = DEFAULT_BACKENDS,
+def benchmark(path: str | Path | Bundle, backends: Sequence[str] | None = DEFAULT_BACKENDS,
               imgsz: int = 256, batch: int = 1, warmup: int = 5, iters: int = 30,
               device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
               seed: int = 0) -> dict[str, Any]:
-    """Benchmark ``backends`` on the run folder or bundle ``path``; returns a JSON-able dict.
+    """Benchmark ``backends`` on the run folder or bundle ``path`` (verified once); returns a
+    JSON-able dict.
 
     ``backends=None``: those that can run here (:func:`available_backends`); the result's
     ``unavailable`` maps the others to the reason. ``options`` maps a backend kind to keyword
@@ -174,19 +175,20 @@ def benchmark(path: str | Path, backends: Sequence[str] | None = DEFAULT_BACKEND
         raise ExportError(f"unknown backend(s) {', '.join(unknown)}",
                           fix=f"choose from {', '.join(KINDS)}")
     unavailable: dict[str, str] = {}
+    bundle = load_bundle(path)
     if backends is None:
-        backends, unavailable = available_backends(path, device)
+        backends, unavailable = available_backends(bundle, device)
         if unavailable:
             log.info("benchmark: not run here: %s",
                      "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
-    manifest = read_manifest(path, verify=True)
+    manifest = bundle.manifest
     pp = replace(manifest.preprocess, max_side=imgsz)
     gflop = count_flops(manifest.model, (imgsz, imgsz), with_classifier=True)
     images = _images(batch, imgsz, seed)
     results: dict[str, Any] = {}
     for kind in backends:
         try:
-            backend = load_backend(path, kind, device, **(options or {}).get(kind, {}))
+            backend = load_backend(bundle, kind, device, **(options or {}).get(kind, {}))
         except SpmlError as exc:          # not installed, no GPU, no model file, wrong GPU
             results[kind] = {"skipped": str(exc)}
             log.warning("benchmark: %s skipped: %s", kind, results[kind]["skipped"])
@@ -199,7 +201,7 @@ def benchmark(path: str | Path, backends: Sequence[str] | None = DEFAULT_BACKEND
         finally:
             backend.close()
     return {
-        "path": str(path),
+        "path": str(bundle.folder if isinstance(path, Bundle) else path),
         "model": {"backbone": manifest.model.backbone, "embed_dim": manifest.model.embed_dim,
                   "num_classes": manifest.num_classes, "gflop_per_image": gflop},
         "imgsz": imgsz, "batch": batch, "warmup": warmup, "iters": iters, "device": device,
@@ -253,7 +255,7 @@ def format_table(result: dict[str, Any]) -> str:
     return text
 
 
-def onnx_precisions(run_dir: str | Path, fp32_onnx: str | Path, device: str,
+def onnx_precisions(run_dir: str | Path | Bundle, fp32_onnx: str | Path, device: str,
                     hw: tuple[int, int], batch: int = 8, iters: int = 20, opset: int = 17,
                     manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """ONNX Runtime images/s of an fp32 ``model.onnx`` and of an fp16 export of the same run

@@ -6,8 +6,8 @@ A bundle is a folder holding
 * ``model.engine`` with ``--format engine|all`` or ``--trt`` (raw TensorRT engine for this GPU),
 * every file the run's ``spml.json`` lists (``weights.pt`` - so the torch backend and later
   re-exports work from a bundle -, ``config.json``, the prototype index, ...), same paths,
-* ``spml.json`` (kind "bundle"): the run's model/preprocess/classes/palette, the files with their
-  sha256, and ``exports``: one entry per format with the opset or TensorRT version/GPU/compute
+* ``spml.json`` (kind "bundle"): the run's model/preprocess/segmentation settings/classes/palette,
+  the files with their sha256, and ``exports``: one entry per format with the opset or TensorRT version/GPU/compute
   capability, input/output names, dynamic axes, precision, the parity numbers and the sizes they
   were measured at, the device.
 
@@ -29,9 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from spml_deploy.artifacts import MANIFEST, Manifest, provenance, read_manifest, write_manifest
+from spml_deploy.artifacts import Manifest, provenance, write_manifest
 from spml_deploy.engine.backends import (ENGINE_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES,
                                   OnnxRuntimeBackend, TensorRTBackend, TorchBackend)
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.errors import ExportError, ManifestError, require
 from spml_deploy.data.imageio import make_temp_dir
 from spml_deploy.export.onnx_export import (as_hw, check_opset, default_imgsz, dynamic_axes,
@@ -45,9 +46,9 @@ FORMATS = ("onnx", "engine", "all")
 PARITY_IMAGES = 4
 
 
-def default_bundle_path(run_dir: str | Path) -> Path:
+def default_bundle_path(run_dir: str | Path | Bundle) -> Path:
     """``<run>_bundle`` next to the run folder."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = (run_dir.folder if isinstance(run_dir, Bundle) else Path(run_dir)).resolve()
     return run_dir.with_name(run_dir.name + "_bundle")
 
 
@@ -90,10 +91,10 @@ def _bundle_manifest(run: Manifest, run_dir: Path) -> Manifest:
                  "source_created": run.provenance.get("created")})
     return Manifest(kind="bundle", model=run.model, preprocess=run.preprocess,
                     classes=list(run.classes), palette=[list(c) for c in run.palette],
-                    training=dict(run.training), provenance=prov)
+                    segmentation=run.segmentation, training=dict(run.training), provenance=prov)
 
 
-def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: str = "onnx",
+def export_bundle(run_dir: str | Path | Bundle, out: str | Path | None = None, format: str = "onnx",
                   trt: bool = False, half: bool = False, dynamic: bool = True,
                   imgsz: int | tuple[int, int] | None = None, opset: int = 17, batch: int = 1,
                   workspace: float = 4, simplify: bool = False, device: str = "cpu",
@@ -101,7 +102,8 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
                   parity_images: int = PARITY_IMAGES, seed: int = 0,
                   max_side: int | None = None,
                   compare_half: bool | None = None) -> dict[str, Any]:
-    """Export ``run_dir`` (a run folder or a bundle) to the bundle folder ``out``.
+    """Export ``run_dir`` (a run folder, a bundle, or an opened :class:`Bundle`) to the bundle
+    folder ``out``. The source is verified once and its weights are read once.
 
     ``compare_half``: also measure ONNX Runtime's images/s of an fp16 export beside the fp32
     one, with its parity (:func:`spml_deploy.export.benchmark.onnx_precisions`; the ONNX
@@ -117,15 +119,15 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
     exports (with parity), files, seconds. Errors are :class:`SpmlError` subclasses (exit 2).
     """
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
     if format not in FORMATS:
         raise ExportError(f"unknown format '{format}'", fix=f"choose one of {', '.join(FORMATS)}")
     want_engine = trt or format in ("engine", "all")
     check_opset(opset)
     if batch < 1:
         raise ExportError(f"--batch must be at least 1, got {batch}")
-    run = read_manifest(run_dir, verify=True)      # missing / corrupt (sha256) files refuse here
-    if "weights" not in run.files:
+    source = load_bundle(run_dir)      # missing / corrupt (sha256) files refuse here
+    run_dir, run = source.folder, source.manifest
+    if not source.has("weights"):
         raise ManifestError("spml.json lists no 'weights' file", path=run_dir,
                             fix="pass a run folder written by 'spml-deploy train'")
     out = Path(out) if out is not None else default_bundle_path(run_dir)
@@ -144,7 +146,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
         require_onnxsim()
     trt_mod = _check_engine_prerequisites() if want_engine else None
     hw = as_hw(imgsz if imgsz is not None else default_imgsz(run))
-    reference = TorchBackend(run_dir, device)      # loads (and so validates) the weights
+    reference = TorchBackend(source, device)       # loads (and so validates) the weights
     sizes = parity_sizes(hw) if dynamic else [hw]
     pbatch = batch + 1 if dynamic else batch       # another batch size: batch is dynamic too
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
     try:
         bundle = _bundle_manifest(run, run_dir)
         copied = _copy_run_files(run_dir, tmp, run)
-        onnx_info = export_onnx(run_dir, tmp / ONNX_FILE, opset=opset, dynamic=dynamic, imgsz=hw,
+        onnx_info = export_onnx(source, tmp / ONNX_FILE, opset=opset, dynamic=dynamic, imgsz=hw,
                                 batch=batch, half=half, simplify=simplify,
                                 manifest=bundle.to_dict())
         ort = OnnxRuntimeBackend(tmp / ONNX_FILE, device)
@@ -165,7 +167,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
                 not half and ort.describe()["providers"][0] == "CUDAExecutionProvider"):
             from spml_deploy.export.benchmark import onnx_precisions
 
-            onnx_info["precisions"] = onnx_precisions(run_dir, tmp / ONNX_FILE, device, hw,
+            onnx_info["precisions"] = onnx_precisions(source, tmp / ONNX_FILE, device, hw,
                                                       batch=max(batch, 8), opset=opset,
                                                       manifest=bundle.to_dict())
         bundle.exports.append(onnx_info)
@@ -174,7 +176,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
             bundle.add_file(tmp, role, run.files[role]["path"])
         if want_engine:
             engine_info = _build_and_check_engine(
-                trt_mod, run_dir, tmp, bundle, ort, hw, sizes, batch, pbatch, half, opset,
+                trt_mod, source, tmp, bundle, ort, hw, sizes, batch, pbatch, half, opset,
                 dynamic, workspace, timing_cache, parity_images, seed, run)
             bundle.exports.append(engine_info)
             bundle.add_file(tmp, "engine", ENGINE_FILE)
@@ -191,7 +193,7 @@ def export_bundle(run_dir: str | Path, out: str | Path | None = None, format: st
     return report
 
 
-def _build_and_check_engine(trt: Any, run_dir: Path, tmp: Path, bundle: Manifest,
+def _build_and_check_engine(trt: Any, source: Bundle, tmp: Path, bundle: Manifest,
                             ort: OnnxRuntimeBackend, hw: tuple[int, int],
                             sizes: list[tuple[int, int]], batch: int, pbatch: int, half: bool,
                             opset: int, dynamic: bool, workspace: float,
@@ -205,7 +207,7 @@ def _build_and_check_engine(trt: Any, run_dir: Path, tmp: Path, bundle: Manifest
     if half and trt_major(trt) < 11:
         # TensorRT 10: fp16 through the builder flag on the fp32 graph (normalisation pinned fp32)
         scratch = tmp / ".model_fp32.onnx"
-        export_onnx(run_dir, scratch, opset=opset, dynamic=dynamic, imgsz=hw, batch=batch)
+        export_onnx(source, scratch, opset=opset, dynamic=dynamic, imgsz=hw, batch=batch)
         source = scratch
     if dynamic:
         lo, opt, hi = engine_profile(hw, sizes, batch, max(batch, pbatch), default_imgsz(run))
@@ -221,16 +223,14 @@ def _build_and_check_engine(trt: Any, run_dir: Path, tmp: Path, bundle: Manifest
     info.update(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic=dynamic,
                 dynamic_axes={k: {str(a): n for a, n in v.items()}
                               for k, v in dynamic_axes(dynamic).items()})
-    # the backend reads the engine's entry from spml.json: write a provisional manifest
+    # the backend reads the engine's entry from the manifest: hand it the manifest to be
     provisional = Manifest(**{**bundle.__dict__, "exports": [*bundle.exports, info]})
-    write_manifest(tmp, provisional)
-    engine = TensorRTBackend(tmp, "cuda")
+    engine = TensorRTBackend(Bundle(tmp, provisional, verified=True), "cuda")
     try:
         result = parity(ort, engine, sizes, batch=pbatch, num_images=parity_images, seed=seed,
                         margin_tolerance=margin_tolerance(half))
     finally:
         engine.close()
-        (tmp / MANIFEST).unlink(missing_ok=True)
     info.update(parity=result, parity_reference=ort.describe(), device=str(engine.device))
     log.info("TensorRT parity: %s", format_parity(result))
     return info

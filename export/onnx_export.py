@@ -20,6 +20,7 @@ pip line (a requested step is never silently skipped).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -31,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spml_deploy.artifacts import Manifest, provenance
-from spml_deploy.engine.backends import (FP32_NODES_METADATA_KEY, INPUT_NAME, ONNX_METADATA_KEY,
-                                  OUTPUT_NAMES, load_segmentation_model)
+from spml_deploy.artifacts import ONNX_METADATA_KEY, Manifest, provenance
+from spml_deploy.engine.backends import FP32_NODES_METADATA_KEY, INPUT_NAME, OUTPUT_NAMES
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.errors import ExportError, require
 from spml_deploy.data.imageio import make_temp_file
 from spml_deploy.engine.model import INPUT_MULTIPLE, SegmentationModel
@@ -132,11 +133,12 @@ def _simplify(model: Any) -> Any:
     return simplified
 
 
-def export_onnx(run_dir: str | Path, out_path: str | Path, opset: int = MIN_OPSET,
+def export_onnx(run_dir: str | Path | Bundle, out_path: str | Path, opset: int = MIN_OPSET,
                 dynamic: bool = True, imgsz: int | tuple[int, int] | None = None, batch: int = 1,
                 half: bool = False, simplify: bool = False,
                 manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export the run's network + inference classifier to ``out_path`` (written atomically).
+    """Export the network + inference classifier of ``run_dir`` (a run folder, bundle or
+    opened :class:`Bundle`) to ``out_path`` (written atomically).
 
     ``imgsz``/``batch`` give the example input of the trace (and the only accepted shape when
     ``dynamic`` is False). ``manifest`` is the dict stored in the metadata (default: the run's
@@ -150,9 +152,12 @@ def export_onnx(run_dir: str | Path, out_path: str | Path, opset: int = MIN_OPSE
     if simplify:
         require_onnxsim()                  # fail before any work
     t0 = time.perf_counter()
-    model, run_manifest = load_segmentation_model(run_dir)
+    source = load_bundle(run_dir)
+    model, run_manifest = source.segmentation_model(), source.manifest
     h, w = as_hw(imgsz if imgsz is not None else default_imgsz(run_manifest))
-    graph_model: nn.Module = (SegmentationModel(model.net.half(), model.classifier.half())
+    # half precision on copies: the bundle's model (shared, cached) stays fp32
+    graph_model: nn.Module = (SegmentationModel(copy.deepcopy(model.net).half(),
+                                                copy.deepcopy(model.classifier).half())
                               if half else model)
     graph_model.eval()
     x = torch.randn(batch, 3, h, w)

@@ -39,12 +39,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from spml_deploy.errors import SpmlError, require
 from spml_deploy.data.imageio import encode_label_png, read_image
+
+if TYPE_CHECKING:
+    from spml_deploy.engine.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +279,17 @@ def mask_from_rgb(rgb: np.ndarray) -> np.ndarray:
 class Service:
     """The loaded model (a core Pipeline) and optional Retriever, with one lock for model work."""
 
-    def __init__(self, model_path: str | Path, index_dir: str | Path | None = None,
+    def __init__(self, model_path: "str | Path | Bundle", index_dir: str | Path | None = None,
                  backend: str = "torch", device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
                  **backend_options: Any):
+        """``model_path`` is opened (and verified) once, by the pipeline; the retriever uses
+        the pipeline's backend and bundle."""
+        from spml_deploy.engine.bundle import load_bundle
         from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 
         self.max_pixels = int(max_pixels)
-        self.pipeline = load_pipeline(model_path, backend=backend, device=device,
+        bundle = load_bundle(model_path)
+        self.pipeline = load_pipeline(bundle, backend=backend, device=device,
                                       options=PipelineOptions(classifier="softmax"),
                                       **backend_options)
         self.retriever = None
@@ -290,12 +297,12 @@ class Service:
             from spml_deploy.serving.retrieval import Retriever
 
             try:
-                self.retriever = Retriever(index_dir, model_path, backend_obj=self.pipeline.backend)
+                self.retriever = Retriever(index_dir, bundle, backend_obj=self.pipeline.backend)
             except BaseException:
                 self.pipeline.close()
                 raise
         self.lock = threading.Lock()
-        self.model_path = str(model_path)
+        self.model_path = str(bundle.source or bundle.folder)
 
     def segment(self, image: np.ndarray):
         with self.lock:

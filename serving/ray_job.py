@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spml_deploy.artifacts import model_folder, read_manifest
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.errors import ConfigError, SpmlError, require
 from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
-from spml_deploy.serving.retrieval import IngestSettings, Segmented, _backend, records_of
+from spml_deploy.serving.retrieval import (IngestSettings, Segmented, _backend, open_model,
+                                           records_of)
 from spml_deploy.serving.segment import (InputItem, JobReport, _write, plan_job, read_item,
                                          sweep_partial_files)
 
@@ -135,7 +136,8 @@ class SegmentWorker:
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.out = Path(spec.out)
-        self.pipe = load_pipeline(spec.model, backend=spec.backend, device=spec.device,
+        model = load_bundle(spec.model, verify=False)      # the driver verified it
+        self.pipe = load_pipeline(model, backend=spec.backend, device=spec.device,
                                   options=spec.options, **spec.backend_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -169,7 +171,7 @@ class SegmentWorker:
             pipe.close()
 
 
-def run_segment_job_ray(model: str | Path, source: str | Path, out: Path, *,
+def run_segment_job_ray(model: str | Path | Bundle, source: str | Path, out: Path, *,
                         address: str | None = None, workers: int | None = None,
                         cpus_per_worker: int = 1, batch: int = 4, overlay: bool = False,
                         skip_existing: bool = False, progress: bool = True,
@@ -190,10 +192,10 @@ def run_segment_job_ray(model: str | Path, source: str | Path, out: Path, *,
     """
     out = Path(out)
     # the model is checked on the driver (a mistyped path fails here, not in every actor)
-    manifest = read_manifest(model_folder(model), verify=True)
-    plan = plan_job(source, out, skip_existing=skip_existing, class_names=list(manifest.classes))
+    bundle = load_bundle(model)
+    plan = plan_job(source, out, skip_existing=skip_existing, class_names=bundle.classes)
     report = plan.report
-    spec = WorkerSpec(str(model), str(out), backend, device, options, dict(backend_options),
+    spec = WorkerSpec(str(bundle.source or bundle.folder), str(out), backend, device, options, dict(backend_options),
                       overlay, cpus_per_worker)
     failed_lines: list[str] = []
     t_start = time.perf_counter()
@@ -239,8 +241,9 @@ class IndexWorker:
                  settings: IngestSettings, threads: int):
         torch.set_num_threads(max(1, threads))
         self.settings = settings
-        self.manifest = read_manifest(model_folder(model), verify=False)  # the driver verified it
-        self._backend = _backend(model, backend, device, **backend_options)
+        bundle = open_model(model, verify=False)        # the driver verified it
+        self.manifest = bundle.manifest
+        self._backend = _backend(bundle, backend, device, **backend_options)
         self.be = self._backend.__enter__()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -266,14 +269,14 @@ class IndexWorker:
             ctx.__exit__(None, None, None)
 
 
-def ray_segmenter(model: str | Path, *, address: str | None = None, workers: int | None = None,
+def ray_segmenter(model: str | Path | Bundle, *, address: str | None = None, workers: int | None = None,
                   cpus_per_worker: int = 1, batch: int = 4, backend: str = "torch",
                   device: str = "cpu", num_cpus: int | None = None, **backend_options: Any):
     """A segmenter for :func:`spml_deploy.serving.retrieval.build_index` / ``add_to_index``
     that runs on Ray (arguments as :func:`run_segment_job_ray`): the images are read, embedded
     and segmented by the actors; the driver receives the records ``batch`` images at a time."""
     def segment(todo: list, settings: IngestSettings) -> Iterator[Segmented]:
-        ctor = dict(model=str(model), backend=backend, device=device,
+        ctor = dict(model=str(model.folder if isinstance(model, Bundle) else model), backend=backend, device=device,
                     backend_options=dict(backend_options), settings=settings,
                     threads=cpus_per_worker)
         with on_ray(address, num_cpus) as ray:

@@ -46,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spml_deploy.artifacts import MANIFEST, Manifest, model_folder, read_manifest, sha256_file
-from spml_deploy.config import PreprocessConfig, SegmentationConfig
+from spml_deploy.artifacts import MANIFEST, Manifest, model_folder, sha256_file
+from spml_deploy.config import PreprocessConfig
 from spml_deploy.errors import ConfigError, SpmlError
 from spml_deploy.data.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, read_image
+from spml_deploy.engine.backends import load_backend
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.prototypes import majority_label, segment_memory
 from spml_deploy.serving.segment import discover, read_items
@@ -83,22 +85,6 @@ def model_fingerprint(manifest: Manifest) -> str:
             return f"{role}:{info['sha256']}"
     blob = json.dumps(manifest.to_dict()["model"], sort_keys=True).encode()
     return "config:" + hashlib.sha256(blob).hexdigest()
-
-
-def segmentation_settings(path: str | Path) -> tuple[tuple[int, int], int]:
-    """(test grid, k-means iterations) from the run's config.json (spec 7.3 defaults otherwise)."""
-    seg = SegmentationConfig()
-    grid, iters = tuple(seg.test_grid), int(seg.kmeans_iters)
-    cfg_path = model_folder(path) / "config.json"
-    if cfg_path.is_file():
-        try:
-            data = json.loads(cfg_path.read_text()).get("segmentation", {})
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config.json is not valid JSON ({exc.msg})", path=cfg_path,
-                              fix="restore the run's config.json") from exc
-        grid = tuple(int(v) for v in data.get("test_grid", grid))
-        iters = int(data.get("kmeans_iters", iters))
-    return grid, iters  # type: ignore[return-value]
 
 
 @dataclass
@@ -369,22 +355,28 @@ def _exclusive(index_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def open_model(model_path: str | Path | Bundle, verify: bool = True) -> Bundle:
+    """The run folder or bundle of ``model_path`` (the folder, a file inside it), verified
+    when ``verify``; an opened :class:`Bundle` is returned unchanged."""
+    if isinstance(model_path, Bundle):
+        return model_path
+    return load_bundle(model_folder(model_path), verify=verify)
+
+
 @contextlib.contextmanager
-def _backend(model_path: str | Path, backend: Any, device: str, **backend_options: Any):
+def _backend(model_path: str | Path | Bundle, backend: Any, device: str, **backend_options: Any):
     """A backend kind (opened here, closed after) or a ready Backend object (used as is)."""
     if not isinstance(backend, str):
         yield backend
         return
-    from spml_deploy.engine.backends import load_backend
-
-    be = load_backend(model_folder(model_path), kind=backend, device=device, **backend_options)
+    be = load_backend(open_model(model_path), kind=backend, device=device, **backend_options)
     try:
         yield be
     finally:
         be.close()
 
 
-def build_index(model_path: str | Path, images_source: str | Path, out_dir: str | Path,
+def build_index(model_path: str | Path | Bundle, images_source: str | Path, out_dir: str | Path,
                 index_type: str = "flat", backend: str = "torch", device: str = "cpu",
                 batch: int = 4, progress: bool = True, index_options: dict[str, Any] | None = None,
                 flip: bool = True, segmenter=None, **backend_options: Any) -> IndexReport:
@@ -406,9 +398,9 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"unknown index type '{index_type}'",
                           fix=f"choose one of {', '.join(INDEX_TYPES)}")
-    folder = model_folder(model_path)
-    manifest = read_manifest(folder, verify=True)
-    grid, iters = segmentation_settings(folder)
+    bundle = open_model(model_path)
+    folder, manifest = bundle.folder, bundle.manifest
+    grid, iters = tuple(bundle.segmentation.test_grid), int(bundle.segmentation.kmeans_iters)
     items = _discover(images_source)          # before anything is written
     root = images_root(images_source, items)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,14 +425,14 @@ def build_index(model_path: str | Path, images_source: str | Path, out_dir: str 
             })
             if segmenter is not None:
                 return _ingest(out, store, segmenter, items, progress)
-            with _backend(folder, backend, device, **backend_options) as be:
+            with _backend(bundle, backend, device, **backend_options) as be:
                 return _ingest(out, store, local_segmenter(be, manifest, batch), items, progress)
         finally:
             store.close()
 
 
 def add_to_index(index_dir: str | Path, images_source: str | Path,
-                 model_path: str | Path | None = None, backend: Any = "torch",
+                 model_path: str | Path | Bundle | None = None, backend: Any = "torch",
                  device: str = "cpu", batch: int = 4, progress: bool = True, segmenter=None,
                  **backend_options: Any) -> IndexReport:
     """Add the images of ``images_source`` not yet indexed (same path) to ``index_dir``.
@@ -453,14 +445,14 @@ def add_to_index(index_dir: str | Path, images_source: str | Path,
     store = SegmentStore(index_dir / STORE_FILE)
     try:
         meta = store.meta()
-        folder = model_folder(model_path or meta["model_path"])
-        manifest = read_manifest(folder, verify=True)
+        bundle = open_model(model_path or meta["model_path"])
+        folder, manifest = bundle.folder, bundle.manifest
         check_model(meta, manifest, folder)
         items = _discover(images_source)
         with _exclusive(index_dir):
             if segmenter is not None:
                 return _ingest(index_dir, store, segmenter, items, progress)
-            with _backend(folder, backend, device, **backend_options) as be:
+            with _backend(bundle, backend, device, **backend_options) as be:
                 return _ingest(index_dir, store, local_segmenter(be, manifest, batch), items,
                                progress)
     finally:
@@ -768,23 +760,27 @@ class Retriever:
     network calls with a lock).
     """
 
-    def __init__(self, index_dir: str | Path, model_path: str | Path | None = None,
+    def __init__(self, index_dir: str | Path, model_path: str | Path | Bundle | None = None,
                  backend: str = "torch", device: str = "cpu", backend_obj=None,
                  **backend_options: Any):
+        """``model_path`` (default: the index's model) is opened and verified here unless
+        ``backend_obj``, an opened backend of that model, is given."""
         self.index_dir = Path(index_dir)
         self._own_backend = backend_obj is None
         self.store = SegmentStore(self.index_dir / STORE_FILE)
         try:
             self.meta = self.store.meta()
-            folder = model_folder(model_path or self.meta["model_path"])
-            self.manifest = backend_obj.manifest if backend_obj is not None else \
-                read_manifest(folder, verify=True)
+            model = model_path or self.meta["model_path"]
+            if backend_obj is None:
+                bundle = open_model(model)
+                folder, self.manifest = bundle.folder, bundle.manifest
+            else:
+                folder = model.folder if isinstance(model, Bundle) else model_folder(model)
+                self.manifest = backend_obj.manifest
             check_model(self.meta, self.manifest, folder)
             self.index = sync_index(self.index_dir, self.store, save=True)
             if backend_obj is None:
-                from spml_deploy.engine.backends import load_backend
-
-                backend_obj = load_backend(folder, kind=backend, device=device, **backend_options)
+                backend_obj = load_backend(bundle, kind=backend, device=device, **backend_options)
             self.backend = backend_obj
         except BaseException:
             self.store.close()

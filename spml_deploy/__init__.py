@@ -43,15 +43,15 @@ _API = {
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily (below)
-    from spml_deploy.artifacts import Manifest, read_manifest
-    from spml_deploy.engine.backends import load_backend
-    from spml_deploy.engine.forward import Engine, Forward
-    from spml_deploy.engine.pipeline import Pipeline, PipelineOptions, Prediction, load_pipeline
-    from spml_deploy.errors import SpmlError
-    from spml_deploy.export.bundle import export_bundle
-    from spml_deploy.serving.retrieval import Hit, Retriever
-    from spml_deploy.serving.segment import run_segment_job
-    from spml_deploy.training.train import train
+    from spml_deploy.artifacts import Manifest, read_manifest  # noqa: F401
+    from spml_deploy.engine.backends import load_backend  # noqa: F401
+    from spml_deploy.engine.forward import Engine, Forward  # noqa: F401
+    from spml_deploy.engine.pipeline import Pipeline, PipelineOptions, Prediction, load_pipeline  # noqa: F401
+    from spml_deploy.errors import SpmlError  # noqa: F401
+    from spml_deploy.export.bundle import export_bundle  # noqa: F401
+    from spml_deploy.serving.retrieval import Hit, Retriever  # noqa: F401
+    from spml_deploy.serving.segment import run_segment_job  # noqa: F401
+    from spml_deploy.training.train import train  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,12 @@
 """Run folders and bundles: the ``spml.json`` manifest, file hashes, atomic writes.
 
 A manifest describes a run folder (written by ``train``) or a bundle (written by ``export``):
-model config, preprocessing, classes and palette, the files with their sha256, exports with
-their parity numbers, provenance. It is the only contract between stages besides the files.
+model config, preprocessing, segmentation settings (k-means grid, random walk, kNN), classes
+and palette, the files with their sha256, exports with their parity numbers, provenance. It is
+the only contract between stages besides the files: everything inference needs is in it.
+
+Manifests written before the ``segmentation`` section existed are read with the section taken
+from the folder's ``config.json`` (the run's training configuration), else the defaults.
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from spml_deploy import __version__
-from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from spml_deploy.errors import ConfigError, ManifestError
+from spml_deploy.config import (ModelConfig, PreprocessConfig, SegmentationConfig, from_dict,
+                                to_dict)
+from spml_deploy.errors import ConfigError, ManifestError, require
 from spml_deploy.data.imageio import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "spml.json"
+RUN_CONFIG = "config.json"          # a run's resolved training configuration
+ONNX_METADATA_KEY = "spml"          # the ONNX metadata entry holding a copy of the manifest
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -65,6 +72,7 @@ class Manifest:
     preprocess: PreprocessConfig
     classes: list[str]
     palette: list[list[int]]
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> {path, sha256, bytes}
     exports: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)           # supervision, iters, metrics
@@ -87,6 +95,7 @@ class Manifest:
             "preprocess": to_dict(self.preprocess),
             "classes": list(self.classes),
             "palette": [list(map(int, c)) for c in self.palette],
+            "segmentation": to_dict(self.segmentation),
             "files": self.files,
             "exports": self.exports,
             "training": self.training,
@@ -124,8 +133,104 @@ def model_folder(path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def _legacy_segmentation(folder: Path | None) -> SegmentationConfig:
+    """The segmentation settings of a manifest written without them: the ``segmentation``
+    section of the run's ``config.json`` in ``folder`` when there is one, else the defaults."""
+    cfg_path = None if folder is None else folder / RUN_CONFIG
+    if cfg_path is None or not cfg_path.is_file():
+        return SegmentationConfig()
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"config.json is not valid JSON ({exc.msg}); spml.json has no "
+                            "'segmentation' section, so the run's settings are read from it",
+                            path=cfg_path, fix="restore the run's config.json") from exc
+    try:
+        return from_dict(SegmentationConfig, dict(data.get("segmentation", {})))
+    except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"config.json has an invalid 'segmentation' section ({exc})",
+                            path=cfg_path, fix="restore the run's config.json") from exc
+
+
+def manifest_from_dict(data: dict[str, Any], where: str | Path,
+                       folder: str | Path | None = None) -> Manifest:
+    """A :class:`Manifest` from its ``to_dict()`` form (``spml.json`` or the ONNX metadata copy).
+
+    ``where`` names the source in errors; ``folder`` is the run/bundle folder whose
+    ``config.json`` supplies the segmentation settings of a manifest written without them.
+    """
+    where = Path(where)
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ManifestError("not an spml-deploy manifest (no schema_version)", path=where)
+    if not isinstance(data["schema_version"], int):
+        raise ManifestError(f"manifest is malformed (schema_version {data['schema_version']!r} "
+                            "is not a whole number)", path=where)
+    if data["schema_version"] > SCHEMA_VERSION:
+        raise ManifestError(f"manifest schema {data['schema_version']} is newer than this "
+                            f"spml-deploy understands ({SCHEMA_VERSION})", path=where,
+                            fix="upgrade spml-deploy")
+    try:
+        if "segmentation" in data:
+            segmentation = from_dict(SegmentationConfig, data["segmentation"])
+        else:
+            segmentation = _legacy_segmentation(None if folder is None else Path(folder))
+        return Manifest(
+            kind=data["kind"],
+            model=from_dict(ModelConfig, data["model"]),
+            preprocess=from_dict(PreprocessConfig, data["preprocess"]),
+            classes=list(data["classes"]),
+            palette=[list(c) for c in data["palette"]],
+            segmentation=segmentation,
+            files=dict(data.get("files", {})),
+            exports=list(data.get("exports", [])),
+            training=dict(data.get("training", {})),
+            provenance=dict(data.get("provenance", {})),
+            schema_version=int(data["schema_version"]),
+        )
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ManifestError(f"manifest is incomplete or malformed ({exc})", path=where) from exc
+
+
+def read_onnx_manifest(onnx_path: str | Path) -> Manifest:
+    """The manifest stored in an ONNX file's metadata (key ``spml``) by the exporter
+    (needs the optional ``onnx`` package, imported here)."""
+    onnx = require("onnx", "onnx", "reading an ONNX model's metadata")
+    p = Path(onnx_path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise ManifestError(f"not a readable ONNX file ({exc})", path=p,
+                            fix="re-export with 'spml-deploy export'") from exc
+    meta = {m.key: m.value for m in model.metadata_props}
+    if ONNX_METADATA_KEY not in meta:
+        raise ManifestError(f"ONNX file has no '{ONNX_METADATA_KEY}' metadata and no spml.json "
+                            "next to it", path=p, fix="export it with 'spml-deploy export'")
+    try:
+        data = json.loads(meta[ONNX_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"the ONNX file's '{ONNX_METADATA_KEY}' metadata is not valid JSON "
+                            f"({exc.msg})", path=p, fix="re-export with 'spml-deploy export'") \
+            from exc
+    return manifest_from_dict(data, p)
+
+
+def verify_files(folder: str | Path, manifest: Manifest) -> None:
+    """Check that every file ``manifest`` lists is in ``folder`` with its recorded sha256."""
+    root = Path(folder)
+    for role, info in manifest.files.items():
+        fp = root / info["path"]
+        if not fp.is_file():
+            raise ManifestError(f"file '{info['path']}' ({role}) listed in spml.json is missing",
+                                path=root, fix="copy the complete folder, or re-create it")
+        if info.get("sha256") and sha256_file(fp) != info["sha256"]:
+            raise ManifestError(f"file '{info['path']}' ({role}) does not match its sha256 in "
+                                "spml.json (corrupt or replaced)", path=root,
+                                fix="re-create the folder (train/export again)")
+
+
 def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
-    """Read and validate ``folder/spml.json``; with ``verify``, check every listed file's sha256."""
+    """Read and validate ``folder/spml.json``; with ``verify``, check every listed file's sha256
+    (:func:`verify_files`)."""
     folder = Path(folder)
     path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
     if not path.is_file():
@@ -136,36 +241,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ManifestError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
                             path=path) from exc
-    if not isinstance(data, dict) or "schema_version" not in data:
-        raise ManifestError("not an spml-deploy manifest (no schema_version)", path=path)
-    if data["schema_version"] > SCHEMA_VERSION:
-        raise ManifestError(f"manifest schema {data['schema_version']} is newer than this "
-                            f"spml-deploy understands ({SCHEMA_VERSION})", path=path,
-                            fix="upgrade spml-deploy")
-    try:
-        m = Manifest(
-            kind=data["kind"],
-            model=from_dict(ModelConfig, data["model"]),
-            preprocess=from_dict(PreprocessConfig, data["preprocess"]),
-            classes=list(data["classes"]),
-            palette=[list(c) for c in data["palette"]],
-            files=dict(data.get("files", {})),
-            exports=list(data.get("exports", [])),
-            training=dict(data.get("training", {})),
-            provenance=dict(data.get("provenance", {})),
-            schema_version=int(data["schema_version"]),
-        )
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise ManifestError(f"manifest is incomplete or malformed ({exc})", path=path) from exc
+    m = manifest_from_dict(data, path, folder=path.parent)
     if verify:
-        root = path.parent
-        for role, info in m.files.items():
-            fp = root / info["path"]
-            if not fp.is_file():
-                raise ManifestError(f"file '{info['path']}' ({role}) listed in spml.json is missing",
-                                    path=root, fix="copy the complete folder, or re-create it")
-            if info.get("sha256") and sha256_file(fp) != info["sha256"]:
-                raise ManifestError(f"file '{info['path']}' ({role}) does not match its sha256 in "
-                                    "spml.json (corrupt or replaced)", path=root,
-                                    fix="re-create the folder (train/export again)")
+        verify_files(path.parent, m)
     return m

@@ -62,7 +62,7 @@ def make_run(folder: str | Path, num_classes: int = 4, preset: str = "tiny", see
     atomic_torch_save(state, folder / "weights.pt")
     (folder / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     m = Manifest(kind="run", model=cfg.model, preprocess=cfg.preprocess,
-                 classes=["background"] + [f"class{i}" for i in range(1, num_classes)],
+                 segmentation=cfg.segmentation, classes=["background"] + [f"class{i}" for i in range(1, num_classes)],
                  palette=[[(37 * i) % 256, (91 * i) % 256, (151 * i) % 256]
                           for i in range(num_classes)],
                  training={"supervision": cfg.train.supervision, "steps": 0, "note": "untrained"},

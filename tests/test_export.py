@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from runs import make_run
-from spml_deploy.artifacts import read_manifest, sha256_file, write_manifest
-from spml_deploy.engine.backends import (Backend, OnnxRuntimeBackend, TorchBackend, load_backend,
-                                  read_onnx_manifest)
+from spml_deploy.artifacts import read_manifest, read_onnx_manifest, sha256_file, write_manifest
+from spml_deploy.engine.backends import Backend, OnnxRuntimeBackend, TorchBackend, load_backend
 from spml_deploy.errors import ExportError, ManifestError, MissingDependencyError, SpmlError
 from spml_deploy.export import bundle as bundle_mod
 from spml_deploy.export.benchmark import benchmark, format_table
@@ -302,7 +301,7 @@ class _NearTieFlip(Backend):
     name = "near-tie"
 
     def __init__(self, inner: Backend, gap: float):
-        super().__init__(inner.manifest, inner.device)
+        super().__init__(inner.bundle, inner.device)
         self.inner, self.gap = inner, gap
 
     def _run(self, x):
@@ -337,7 +336,7 @@ class _Perturbed(Backend):
     name = "perturbed"
 
     def __init__(self, inner: Backend):
-        super().__init__(inner.manifest, inner.device)
+        super().__init__(inner.bundle, inner.device)
         self.inner = inner
 
     def _run(self, x):

@@ -456,7 +456,7 @@ def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,
     from spml_deploy.data.imageio import default_palette
 
     m = Manifest(kind="run", model=cfg.model, preprocess=cfg.preprocess,
-                 classes=list(dataset.class_names),
+                 segmentation=cfg.segmentation, classes=list(dataset.class_names),
                  palette=[list(c) for c in default_palette(dataset.num_classes)],
                  training={"supervision": cfg.train.supervision, "baseline": cfg.train.baseline,
                            "steps": step, "dataset": str(dataset.root), "val": val},

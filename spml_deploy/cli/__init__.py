@@ -287,6 +287,32 @@ def _torch_options(backend: str, device: str, precision: str, channels_last: boo
     return torch_options(device, precision, channels_last, compile_)
 
 
+def segmentation_options(f):
+    """--test-grid, --kmeans-iters, --knn-k, --rw-beta, --rw-alpha, --rw-squarings: overrides of
+    the model's segmentation settings (spml.json); not given = the model's setting."""
+    inherit = "  [default: the model's setting]"
+    f = click.option("--rw-squarings", type=click.IntRange(min=0), default=None,
+                     help="--refine: squarings of the walk's transition matrix (2^n steps)."
+                          + inherit)(f)
+    f = click.option("--rw-alpha", type=click.FloatRange(min=0), default=None,
+                     help="--refine: exponent sharpening the affinities (a^alpha)." + inherit)(f)
+    f = click.option("--rw-beta", type=click.FloatRange(min=0), default=None,
+                     help="--refine: concentration of the affinities "
+                          "exp(beta (cos - 1))." + inherit)(f)
+    f = click.option("--knn-k", type=click.IntRange(min=1), default=None,
+                     help="--classifier knn: neighbours that vote." + inherit)(f)
+    f = click.option("--kmeans-iters", type=click.IntRange(min=1), default=None,
+                     help="--classifier knn: k-means iterations of the segments." + inherit)(f)
+    return click.option("--test-grid", type=click.IntRange(min=1), nargs=2, default=None,
+                        metavar="ROWS COLS",
+                        help="--classifier knn: k-means grid of the segments." + inherit)(f)
+
+
+def _segmentation_overrides(**values) -> dict:
+    """The --test-grid ... --rw-squarings values given on the command line (None: not given)."""
+    return {k: (tuple(v) if k == "test_grid" else v) for k, v in values.items() if v is not None}
+
+
 def ray_options(f):
     """--ray [ADDRESS], --ray-workers and --ray-cpus (the job on a Ray cluster)."""
     f = click.option("--ray-cpus", type=click.IntRange(min=1), default=1, show_default=True,
@@ -338,12 +364,15 @@ def _ray_kwargs(ray_address: str, ray_workers: int | None, ray_cpus: int) -> dic
               help="Resume: skip images whose label map exists (and restore their results.jsonl "
                    "line if an interrupted run lost it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@segmentation_options
 @ray_options
 @torch_backend_options
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
                 knn_search: str, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
-                quiet: bool, ray_address: str | None, ray_workers: int | None, ray_cpus: int,
-                **torch_opts) -> None:
+                quiet: bool, test_grid: tuple[int, int] | None, kmeans_iters: int | None,
+                knn_k: int | None, rw_beta: float | None, rw_alpha: float | None,
+                rw_squarings: int | None, ray_address: str | None, ray_workers: int | None,
+                ray_cpus: int, **torch_opts) -> None:
     """Segment every image of INPUT with MODEL (a run folder or an exported bundle).
 
     \b
@@ -357,12 +386,16 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     Exit code 1 if any image failed. Images above 100 Mpixel are refused as decompression
     bombs; the environment variable SPML_MAX_PIXELS changes the limit.
     With --ray the same job runs as a Ray Data pipeline, with the same outputs, resume and
-    failed.txt.
+    failed.txt. The k-means, kNN and random-walk settings are the model's (its training
+    configuration, kept in spml.json) unless given.
     """
     from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
 
-    options = PipelineOptions(classifier=classifier, refine=refine, crf=crf, knn_search=knn_search)
+    options = PipelineOptions(classifier=classifier, refine=refine, crf=crf, knn_search=knn_search,
+                              **_segmentation_overrides(
+                                  test_grid=test_grid, kmeans_iters=kmeans_iters, knn_k=knn_k,
+                                  rw_beta=rw_beta, rw_alpha=rw_alpha, rw_squarings=rw_squarings))
     backend_options = _torch_options(backend, device, **torch_opts)
     if ray_address is not None:
         from spml_deploy.serving.ray_job import run_segment_job_ray

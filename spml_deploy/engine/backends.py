@@ -10,14 +10,15 @@ float32 torch tensors on ``backend.device``:
 Everything after that (k-means, random walk, kNN, upsampling, argmax) is host code shared by all
 backends (``pipeline.py``). The exported graph therefore ends at "embeddings and logits out".
 
-``load_backend(path, kind, device, **options)`` opens a run folder or a bundle (``spml.json``),
-or a bare ``model.onnx`` (the manifest is stored in its metadata) / ``model.engine`` in a bundle.
+``load_backend(model, kind, device, **options)`` opens a run folder or a bundle (``spml.json``),
+or a bare ``model.onnx`` (the manifest is stored in its metadata) / ``model.engine`` in a bundle,
+or an opened :class:`~spml_deploy.engine.bundle.Bundle` (not verified or loaded again).
 onnxruntime and tensorrt are imported inside the backend that needs them.
 """
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
 import logging
 import os
 from pathlib import Path
@@ -27,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spml_deploy.artifacts import MANIFEST, Manifest, load_weights, model_folder, read_manifest
-from spml_deploy.config import ModelConfig, PreprocessConfig, from_dict
+from spml_deploy.artifacts import Manifest
+from spml_deploy.engine.bundle import Bundle, load_bundle
+from spml_deploy.engine.model import INPUT_MULTIPLE
 from spml_deploy.errors import BackendError, ManifestError, require
-from spml_deploy.engine.model import INPUT_MULTIPLE, EmbeddingNet, PixelClassifier, SegmentationModel
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,13 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("embeddings", "logits")
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
-ONNX_METADATA_KEY = "spml"
 FP32_NODES_METADATA_KEY = "spml_fp32_nodes"
 KINDS = ("torch", "onnxruntime", "tensorrt")
 _PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 # ------------------------------------------------------------------------------------------
-# model loading (shared by the torch backend and the exporter)
+# devices
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -62,56 +62,6 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _manifest_folder(path: str | Path) -> tuple[Path, Manifest]:
-    """The run/bundle folder of ``path`` (a folder, or a file inside one) and its manifest."""
-    folder = model_folder(path)
-    return folder, read_manifest(folder, verify=True)
-
-
-def _stem_from_state(state: dict[str, Tensor]) -> str:
-    """The backbone stem a saved EmbeddingNet state dict was built with."""
-    return "deep" if "backbone.conv2.weight" in state else "torchvision"
-
-
-def load_segmentation_model(path: str | Path) -> tuple[SegmentationModel, Manifest]:
-    """Network + inference classifier from a run folder or bundle, on the CPU, in eval mode.
-
-    ``weights.pt`` (manifest role ``weights``) holds ``{"net": EmbeddingNet state dict, "f0":
-    PixelClassifier state dict[, "f1": final classifier]}``; the classifier is ``f1`` when present.
-    Missing/corrupt/mismatching weights raise :class:`ManifestError` naming the file and the fix.
-    """
-    folder, manifest = _manifest_folder(path)
-    info = manifest.files.get("weights")
-    if info is None:
-        raise ManifestError("spml.json lists no 'weights' file", path=folder,
-                            fix="pass a run folder written by 'spml-deploy train' (or its bundle)")
-    wpath = folder / info["path"]
-    state = load_weights(wpath)
-    if not isinstance(state, dict) or "net" not in state or "f0" not in state:
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ManifestError(f"weights file has no 'net'/'f0' entries (found {keys})", path=wpath,
-                            fix="re-run training; weights.pt must hold {'net', 'f0'[, 'f1']}")
-    clf_key = "f1" if "f1" in state else "f0"
-    cfg = manifest.model
-    try:
-        net = EmbeddingNet(cfg, stem=_stem_from_state(state["net"]))
-        net.load_state_dict(state["net"])
-        w = state[clf_key]["conv2.weight"]
-        if w.shape[0] != manifest.num_classes:
-            raise ManifestError(f"classifier '{clf_key}' has {w.shape[0]} classes but spml.json "
-                                f"lists {manifest.num_classes}", path=wpath,
-                                fix="the weights and spml.json come from different runs; re-export")
-        clf = PixelClassifier(cfg.embed_dim, int(w.shape[0]), cfg.classifier_dropout)
-        clf.load_state_dict(state[clf_key])
-    except (RuntimeError, KeyError) as exc:
-        raise ManifestError(f"weights do not fit the model in spml.json ({str(exc).splitlines()[0]})",
-                            path=wpath, fix="the weights and spml.json come from different runs") \
-            from exc
-    model = SegmentationModel(net, clf).eval()
-    model.classifier_key = clf_key  # type: ignore[attr-defined]
-    return model, manifest
-
-
 # ------------------------------------------------------------------------------------------
 # interface
 
@@ -121,8 +71,9 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, manifest: Manifest, device: torch.device):
-        self.manifest = manifest
+    def __init__(self, bundle: Bundle, device: torch.device):
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
         self.device = device
         self.input_name = INPUT_NAME
         self.output_names = OUTPUT_NAMES
@@ -185,12 +136,15 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, path: str | Path, device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model: str | Path | Bundle, device: str = "cpu", precision: str = "fp32",
                  channels_last: bool = False, compile: bool = False, **options: Any):
         _no_unknown_options("torch", options)
         dev = _device(device)
-        model, manifest = load_segmentation_model(path)
-        super().__init__(manifest, dev)
+        bundle = load_bundle(model)
+        super().__init__(bundle, dev)
+        model = bundle.segmentation_model()
+        if dev.type != "cpu" or channels_last:
+            model = copy.deepcopy(model)     # the bundle's CPU model stays as it is
         if precision not in _PRECISIONS:
             raise BackendError(f"unknown precision '{precision}'", fix=f"one of {_PRECISIONS}")
         if precision in ("fp16", "tf32") and dev.type != "cuda":
@@ -239,36 +193,6 @@ class TorchBackend(Backend):
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider"}
 _ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def read_onnx_manifest(onnx_path: str | Path) -> Manifest:
-    """The manifest stored in an ONNX file's metadata (key ``spml``) by the exporter."""
-    onnx = require("onnx", "onnx", "reading an ONNX model's metadata")
-    p = Path(onnx_path)
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise ManifestError(f"not a readable ONNX file ({exc})", path=p,
-                            fix="re-export with 'spml-deploy export'") from exc
-    meta = {m.key: m.value for m in model.metadata_props}
-    if ONNX_METADATA_KEY not in meta:
-        raise ManifestError(f"ONNX file has no '{ONNX_METADATA_KEY}' metadata and no spml.json "
-                            "next to it", path=p, fix="export it with 'spml-deploy export'")
-    return manifest_from_dict(json.loads(meta[ONNX_METADATA_KEY]), p)
-
-
-def manifest_from_dict(data: dict[str, Any], where: str | Path) -> Manifest:
-    """A :class:`Manifest` from its ``to_dict()`` form (used for the ONNX metadata copy)."""
-    try:
-        return Manifest(kind=data["kind"], model=from_dict(ModelConfig, data["model"]),
-                        preprocess=from_dict(PreprocessConfig, data["preprocess"]),
-                        classes=list(data["classes"]), palette=[list(c) for c in data["palette"]],
-                        files=dict(data.get("files", {})), exports=list(data.get("exports", [])),
-                        training=dict(data.get("training", {})),
-                        provenance=dict(data.get("provenance", {})),
-                        schema_version=int(data["schema_version"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"embedded manifest is malformed ({exc})", path=where) from exc
 
 
 def _default_threads() -> int:
@@ -345,15 +269,16 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", provider: str | None = None,
+    def __init__(self, model: str | Path | Bundle, device: str = "cpu", provider: str | None = None,
                  threads: int | None = None, optimization: str = "all",
                  provider_options: dict[str, Any] | None = None, io_binding: bool | None = None,
                  **options: Any):
         _no_unknown_options("onnxruntime", options)
         ort = require("onnxruntime", "onnx", "the onnxruntime backend")
         dev = _device(device)
-        onnx_path, manifest = _locate_file(path, ONNX_FILE, "onnx")
-        super().__init__(manifest, dev)
+        bundle = load_bundle(model)
+        onnx_path = bundle.model_file("onnx", ONNX_FILE)
+        super().__init__(bundle, dev)
         provider = provider or ("cuda" if dev.type == "cuda" else "cpu")
         if provider not in _ORT_PROVIDERS:
             raise BackendError(f"unknown ONNX Runtime provider '{provider}'",
@@ -487,9 +412,10 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, device: str = "cuda", **options: Any):
+    def __init__(self, model: str | Path | Bundle, device: str = "cuda", **options: Any):
         _no_unknown_options("tensorrt", options)
-        engine_path, manifest = _locate_file(path, ENGINE_FILE, "engine")
+        bundle = load_bundle(model)
+        engine_path, manifest = bundle.model_file("engine", ENGINE_FILE), bundle.manifest
         entry = next((e for e in manifest.exports if e.get("format") == "engine"), None)
         if entry is None:
             raise ManifestError("spml.json has no 'engine' entry in 'exports'",
@@ -501,7 +427,7 @@ class TensorRTBackend(Backend):
         dev = _device(device)
         if dev.type != "cuda":
             raise BackendError("the tensorrt backend runs on a CUDA device", fix="use --device cuda")
-        super().__init__(manifest, dev)
+        super().__init__(bundle, dev)
         trt = require("tensorrt", "gpu", "the tensorrt backend")
         self._trt = trt
         self.engine_path = engine_path
@@ -571,33 +497,6 @@ def _no_unknown_options(kind: str, options: dict[str, Any]) -> None:
         raise BackendError(f"unknown option(s) for the {kind} backend: {', '.join(sorted(options))}")
 
 
-def _locate_file(path: str | Path, default_name: str, role: str) -> tuple[Path, Manifest]:
-    """(model file, manifest) for a bundle folder or a file inside one (or a bare .onnx)."""
-    p = Path(path)
-    if p.is_dir():
-        folder, manifest = _manifest_folder(p)
-        rel = manifest.files.get(role, {}).get("path", default_name)
-        f = folder / rel
-        if not f.is_file():
-            fmt = "engine" if role == "engine" else "onnx"
-            if manifest.kind == "run":
-                fix = f"export a bundle first: spml-deploy export {p} --format {fmt}"
-            else:
-                fix = f"re-export the bundle from its run folder with --format {fmt}"
-            what = "run folder" if manifest.kind == "run" else "bundle"
-            raise ManifestError(f"this {what} has no {default_name}", path=folder, fix=fix)
-        return f, manifest
-    if not p.is_file():
-        raise ManifestError("model file not found", path=p,
-                            fix="pass a bundle folder (spml-deploy export) or its model file")
-    if (p.parent / MANIFEST).is_file():
-        return p, read_manifest(p.parent, verify=True)
-    if role == "onnx":
-        return p, read_onnx_manifest(p)
-    raise ManifestError(f"no spml.json next to {p.name}", path=p.parent,
-                        fix="keep the engine inside its bundle folder")
-
-
 #: ``--precision`` choices of the command line (``auto``: see :func:`torch_options`).
 CLI_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -618,17 +517,18 @@ def torch_options(device: str | torch.device, precision: str = "auto",
             else bool(channels_last), "compile": bool(compile)}
 
 
-def load_backend(path: str | Path, kind: str = "torch", device: str = "cpu",
+def load_backend(model: str | Path | Bundle, kind: str = "torch", device: str = "cpu",
                  **options: Any) -> Backend:
-    """Open ``path`` (run folder, bundle, or model file) with backend ``kind``.
+    """Open ``model`` (run folder, bundle, model file, or an opened :class:`Bundle`) with
+    backend ``kind``.
 
     ``kind``: torch (run folder or bundle with weights.pt), onnxruntime (bundle or model.onnx),
     tensorrt (bundle with model.engine). ``options`` go to the backend's constructor.
     """
     if kind == "torch":
-        return TorchBackend(path, device, **options)
+        return TorchBackend(model, device, **options)
     if kind in ("onnxruntime", "ort", "onnx"):
-        return OnnxRuntimeBackend(path, device, **options)
+        return OnnxRuntimeBackend(model, device, **options)
     if kind in ("tensorrt", "trt"):
-        return TensorRTBackend(path, device, **options)
+        return TensorRTBackend(model, device, **options)
     raise BackendError(f"unknown backend '{kind}'", fix=f"choose one of {', '.join(KINDS)}")

@@ -6,7 +6,6 @@ stride 4 — and everything after that is this module's host code, shared by all
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spml_deploy.artifacts import model_folder, read_manifest
-from spml_deploy.config import PreprocessConfig
+from spml_deploy.config import PreprocessConfig, SegmentationConfig
 from spml_deploy.engine.backends import load_backend
+from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.engine.crf import crf_at_original, require_crf
 from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.index import (KnnClassifier, MemoryMatrix, gpu_available, index_is_exact,
@@ -63,18 +62,35 @@ class Staged:
 
 @dataclass(frozen=True)
 class PipelineOptions:
+    """How the pipeline classifies and refines.
+
+    The fields named in :attr:`FROM_SEGMENTATION` override the model's segmentation settings
+    (``spml.json``'s ``segmentation`` section, the run's training configuration): None inherits
+    the model's value, any other value wins, even one equal to a default.
+    """
+
     classifier: str = "softmax"          # "softmax" (the trained f0/f1) or "knn" (prototype memory)
     refine: bool = False                 # random-walk refinement (spec 7.2)
-    test_grid: tuple[int, int] = (12, 12)
-    kmeans_iters: int = 10
-    knn_k: int = 20
+    test_grid: tuple[int, int] | None = None     # k-means grid of the kNN read-out
+    kmeans_iters: int | None = None
+    knn_k: int | None = None
     knn_search: str = "auto"             # "auto" | "index" (the memory's FAISS index) | "exact"
-    rw_beta: float = 5.0
-    rw_alpha: float = 20.0
-    rw_squarings: int = 6
+    rw_beta: float | None = None
+    rw_alpha: float | None = None
+    rw_squarings: int | None = None
     rw_method: str = "auto"
     keep_scores: bool = False
     crf: bool = False                    # DenseCRF at the original size (spec 7.5; optional package)
+
+    FROM_SEGMENTATION = ("test_grid", "kmeans_iters", "knn_k", "rw_beta", "rw_alpha",
+                         "rw_squarings")
+
+    def resolved(self, segmentation: SegmentationConfig) -> "PipelineOptions":
+        """These options with every unset (None) segmentation field taken from
+        ``segmentation``."""
+        inherit = {name: getattr(segmentation, name) for name in self.FROM_SEGMENTATION
+                   if getattr(self, name) is None}
+        return _replace(self, **inherit) if inherit else self
 
 
 class Pipeline:
@@ -82,12 +98,14 @@ class Pipeline:
 
     ``backend(x)`` maps normalised images [B, 3, H, W] to (unit embeddings, logits) at stride 4.
     ``memory`` (for ``classifier='knn'``) is an object with ``vote(queries [M, D]) -> labels [M]``
-    (see :mod:`spml_deploy.engine.index`).
+    (see :mod:`spml_deploy.engine.index`). Options left unset (None) take their value from
+    ``segmentation`` (the model's settings; default :class:`SegmentationConfig`).
     """
 
     def __init__(self, backend, preprocess_cfg: PreprocessConfig, class_names: list[str],
                  palette: list[list[int]], options: PipelineOptions = PipelineOptions(),
-                 memory=None):
+                 memory=None, segmentation: SegmentationConfig | None = None):
+        options = options.resolved(segmentation or SegmentationConfig())
         if options.classifier not in ("softmax", "knn"):
             raise ConfigError(f"unknown classifier '{options.classifier}'", fix="use softmax or knn")
         if options.classifier == "knn" and memory is None:
@@ -318,18 +336,15 @@ class PrototypeMemory:
         return out
 
 
-def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
+def load_pipeline(model: str | Path | Bundle, backend: str = "torch", device: str = "cpu",
                   options: PipelineOptions = PipelineOptions(), **backend_options) -> "Pipeline":
-    """A :class:`Pipeline` for a run folder or bundle: its backend, classes, palette, memory."""
+    """A :class:`Pipeline` for a run folder, bundle or opened :class:`Bundle`: its backend,
+    classes, palette, memory, and its segmentation settings under ``options``' overrides."""
     if options.crf:
         require_crf()              # fail before reading the model when the CRF package is absent
-    folder = model_folder(path)
-    manifest = read_manifest(folder, verify=True)
-    cfg_path = folder / "config.json"
-    if cfg_path.is_file():     # run folders carry the segmentation settings of their training
-        seg = json.loads(cfg_path.read_text()).get("segmentation", {})
-        if "test_grid" in seg and options.test_grid == PipelineOptions.test_grid:
-            options = _replace(options, test_grid=tuple(seg["test_grid"]))
+    bundle = load_bundle(model)
+    folder, manifest = bundle.folder, bundle.manifest
+    options = options.resolved(bundle.segmentation)
     memory = None
     if options.classifier == "knn" and "memory" not in manifest.files:
         baseline = manifest.training.get("baseline")
@@ -351,5 +366,6 @@ def load_pipeline(path: str | Path, backend: str = "torch", device: str = "cpu",
                                       manifest.num_classes, options.knn_k, device,
                                       index_path=folder / index_file["path"] if index_file else None,
                                       search=options.knn_search)
-    be = load_backend(folder, kind=backend, device=device, **backend_options)
-    return Pipeline(be, manifest.preprocess, manifest.classes, manifest.palette, options, memory)
+    be = load_backend(bundle, kind=backend, device=device, **backend_options)
+    return Pipeline(be, manifest.preprocess, manifest.classes, manifest.palette, options, memory,
+                    segmentation=bundle.segmentation)
