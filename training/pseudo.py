@@ -9,10 +9,11 @@ Stages, each resumable (its outputs are files in the run folder; a finished stag
   segment prototypes; a second round uses f1 (one random-walk step) and trains f2.
 * ``classifier``: f1 (f2 for tags) trained on the frozen embeddings (``classifier.pt``).
 * ``memory``: k-means segments of the training images with majority-vote pseudo labels, saved as
-  ``memory.npz`` (prototypes + labels) and as a FAISS index of the prototypes
-  (``memory_index.npz``, id = row of ``memory.npz``; type ``segmentation.memory_index``, default
-  ``flat`` = exact) for kNN label retrieval (k = 20). Without FAISS installed the index file is
-  an exact torch index of the same format (:func:`spml_deploy.engine.index.load_index` reads both).
+  one prototype index file ``memory.npz`` (vectors, labels, ids = rows; type
+  ``segmentation.memory_index``, default ``flat`` = exact) for kNN label retrieval (k = 20).
+  Without FAISS installed the file is an exact torch index of the same format. Runs of older
+  versions hold ``memory.npz`` (prototypes + labels) and ``memory_index.npz``:
+  :func:`spml_deploy.engine.index.load_memory` reads both layouts.
 DenseCRF (spec 7.5) is applied where the spec puts it -- after the random walk of Algorithm 1
 and of Algorithm 2's CAM walk, and after the soft kNN vote -- only with ``train.crf`` (it needs
 the optional ``pydensecrf2`` package; see :mod:`spml_deploy.engine.crf`). Round 2's one-step walk has
@@ -32,6 +33,7 @@ from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import VOID, RunConfig
 from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
 from spml_deploy.engine.crf import crf_at_original
+from spml_deploy.engine.index import ExactIndex, build_index
 from spml_deploy.engine.preprocess import Prepared, labels_to_original, preprocess, valid_cells
 from spml_deploy.engine.prototypes import resize_labels_nearest, segment_memory
 from spml_deploy.engine.refine import normalize_score_map, random_walk, refine_labels
@@ -39,7 +41,7 @@ from spml_deploy.engine.refine import normalize_score_map, random_walk, refine_l
 log = logging.getLogger(__name__)
 
 MEMORY = "memory.npz"
-MEMORY_INDEX = "memory_index.npz"
+OLD_MEMORY_INDEX = "memory_index.npz"   # runs of older versions: the index beside memory.npz
 CLASSIFIER = "classifier.pt"
 
 
@@ -120,7 +122,8 @@ def algorithm1(net, f0, items, cfg: RunConfig, C: int, out_dir: Path, device,
 @torch.no_grad()
 def memory_from_labels(net, pairs: list[tuple[Path, Path]], cfg: RunConfig, device,
                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Spec 7.3 memory: k-means segments (test grid) of every image, majority-vote labels."""
+    """Spec 7.3 memory: k-means segments (test grid) of every image, majority-vote labels:
+    (unit prototypes [segments, D] float32, labels [segments] int64)."""
     protos, labels = [], []
     for img_path, lab_path in tqdm(pairs, desc="prototype memory", disable=not progress, leave=False):
         image = read_image(img_path)
@@ -150,11 +153,9 @@ def knn_propagate(net, pairs, memory: tuple[np.ndarray, np.ndarray], cfg: RunCon
                   present_of: dict[str, torch.Tensor], out_dir: Path, device,
                   progress: bool = True) -> list[tuple[Path, Path]]:
     """Algorithm 2 step 3: soft kNN votes of each image's segments, per-class max(., 0.15)
-    normalisation of present classes, argmax -> ``out_dir/<stem>.png``."""
-    from spml_deploy.engine.index import soft_vote
-
-    mem = torch.from_numpy(memory[0]).to(device)
-    mem_labels = torch.from_numpy(memory[1]).to(device)
+    normalisation of present classes, argmax -> ``out_dir/<stem>.png``. ``memory``:
+    (prototypes [n, D], labels [n]), indexed once for all images (exact search)."""
+    index = ExactIndex.of(memory[0], memory[1], device=device)
     out = []
     for img_path, lab_path in tqdm(pairs, desc="kNN propagation", disable=not progress, leave=False):
         stem = Path(lab_path).stem
@@ -164,7 +165,7 @@ def knn_propagate(net, pairs, memory: tuple[np.ndarray, np.ndarray], cfg: RunCon
             passes, prep, valid = embed(net, image, cfg, device)
             q, _, _, pix = segment_memory(passes[0], None, valid, tuple(cfg.segmentation.test_grid),
                                           iters=cfg.segmentation.kmeans_iters, return_index=True)
-            dist = soft_vote(q, mem, mem_labels, k=cfg.segmentation.knn_k, num_classes=C)  # [M, C]
+            dist = index.vote(q, cfg.segmentation.knn_k, C, soft=True)                  # [M, C]
             smap = dist[pix.clamp_min(0)].permute(0, 3, 1, 2) * (pix >= 0)[:, None]      # [1,C,h,w]
             smap = F.interpolate(smap.float(), size=prep.padded_hw, mode="bilinear", align_corners=False)
             smap = smap[..., : prep.resized_hw[0], : prep.resized_hw[1]]
@@ -258,19 +259,11 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
     del clf
     if not (run_dir / MEMORY).is_file():
         protos, labels = memory_from_labels(net, final_pairs, cfg, device, progress)
-        from spml_deploy.data.imageio import atomic_write_bytes
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, prototypes=protos.astype(np.float32), labels=labels)
-        atomic_write_bytes(run_dir / MEMORY, buf.getvalue())
-    if not (run_dir / MEMORY_INDEX).is_file():     # written after the memory: a resume rebuilds it
-        from spml_deploy.engine.index import build_memory_index
-
-        with np.load(run_dir / MEMORY, allow_pickle=False) as z:
-            build_memory_index(z["prototypes"], cfg.segmentation.memory_index).save(
-                run_dir / MEMORY_INDEX)
-    return {"classifier": CLASSIFIER, "memory": MEMORY, "memory_index": MEMORY_INDEX}
+        build_index(protos, labels, cfg.segmentation.memory_index).save(run_dir / MEMORY)
+    files = {"classifier": CLASSIFIER, "memory": MEMORY}
+    if (run_dir / OLD_MEMORY_INDEX).is_file():     # a run of an older version, resumed
+        files["memory_index"] = OLD_MEMORY_INDEX
+    return files
 
 
 def _present_tags(tags, C: int, device) -> torch.Tensor:
