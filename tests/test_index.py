@@ -483,3 +483,22 @@ def test_memory_matrix_small_memories_dtypes_and_guards():
     # no queries
     v0, i0 = I.MemoryMatrix(m, group=2).topk(qt[:0], 5, method="grouped")
     assert v0.shape == (0, 5) and i0.shape == (0, 5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_file_keeps_exact_vectors_and_labels_across_load_add_save(kind, tmp_path):
+    """Every index file holds the exact vectors and labels (ivfpq keeps lossy codes only, so its
+    vectors come from the file it was read from plus those added since)."""
+    x, _ = data_and_queries(3000, 1, 16, seed=7)
+    labels = np.random.default_rng(5).integers(-1, 4, 3000)
+    index = I.PrototypeIndex(16, kind)
+    index.add(x[:2000], labels=labels[:2000])
+    path = tmp_path / "p.npz"
+    index.save(path)
+    loaded = I.load_index(path)
+    loaded.add(x[2000:], labels=labels[2000:])
+    loaded.save(path)                                   # over the file it was read from
+    again = I.load_index(path)
+    np.testing.assert_array_equal(again.vectors(), x)
+    np.testing.assert_array_equal(again.labels, labels)
+    np.testing.assert_array_equal(again.ids, np.arange(3000))
