@@ -103,18 +103,14 @@ def _val_stems(data: Path) -> list[str]:
 
 def add_label_memory(run: Path, data: Path, device: str = "cpu") -> None:
     """Give a full-mask CE run a prototype memory: k-means segments of its training images
-    (spec 7.3) labelled by majority vote of their masks, plus its index; listed in spml.json."""
-    import io
-
-    import numpy as np
-
+    (spec 7.3) labelled by majority vote of their masks, saved as a prototype index file;
+    listed in spml.json."""
     from spml_deploy.artifacts import read_manifest, write_manifest
     from spml_deploy.engine.bundle import load_bundle
     from spml_deploy.config import RunConfig, from_dict
     from spml_deploy.data.dataset import load_dataset
-    from spml_deploy.data.imageio import atomic_write_bytes
-    from spml_deploy.engine.index import build_memory_index
-    from spml_deploy.training.pseudo import MEMORY, MEMORY_INDEX, memory_from_labels
+    from spml_deploy.engine.index import build_index
+    from spml_deploy.training.pseudo import MEMORY, memory_from_labels
 
     manifest = read_manifest(run, verify=False)
     if "memory" in manifest.files:
@@ -124,13 +120,8 @@ def add_label_memory(run: Path, data: Path, device: str = "cpu") -> None:
     dataset = load_dataset(data)
     pairs = [(r.path, r.mask_path) for r in dataset.split(cfg.train.train_split)]
     protos, labels = memory_from_labels(model.net.to(device), pairs, cfg, device, progress=False)
-    buf = io.BytesIO()
-    np.savez(buf, prototypes=protos.astype(np.float32), labels=labels)
-    atomic_write_bytes(run / MEMORY, buf.getvalue())
-    build_memory_index(protos.astype(np.float32), cfg.segmentation.memory_index).save(
-        run / MEMORY_INDEX)
+    build_index(protos, labels, cfg.segmentation.memory_index).save(run / MEMORY)
     manifest.add_file(run, "memory", MEMORY)
-    manifest.add_file(run, "memory_index", MEMORY_INDEX)
     write_manifest(run, manifest)
 
 

@@ -124,13 +124,10 @@ def untrained_run(folder: Path, preset: str, num_classes: int, memory_size: int,
     rng = np.random.default_rng(seed)
     protos = rng.standard_normal((memory_size, m.model.embed_dim)).astype(np.float32)
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    np.savez(run / "memory.npz", prototypes=protos,
-             labels=rng.integers(0, num_classes, memory_size))
-    m.add_file(run, "memory", "memory.npz")
-    from spml_deploy.engine.index import build_memory_index
+    from spml_deploy.engine.index import build_index
 
-    build_memory_index(protos, "flat").save(run / "memory_index.npz")
-    m.add_file(run, "memory_index", "memory_index.npz")
+    build_index(protos, rng.integers(0, num_classes, memory_size), "flat").save(run / "memory.npz")
+    m.add_file(run, "memory", "memory.npz")
     if max_side:
         from dataclasses import replace
 
@@ -354,9 +351,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default="torch,onnxruntime")
     ap.add_argument("--classifiers", default="softmax,knn")
-    ap.add_argument("--knn-search", default="auto",
-                    help="kNN memory search for the knn rows: auto, index (the FAISS memory "
-                         "index), exact; a list (auto,index) runs each")
     ap.add_argument("--refine", default="off,on")
     ap.add_argument("--rw-method", default="auto", help="random-walk method (refine.random_walk)")
     ap.add_argument("--threads", default=str(len(os.sched_getaffinity(0))),
@@ -411,19 +405,17 @@ def main() -> None:
                         else f"torch {args.precision}")
                 if be == "torch" and args.compile:
                     name += " compiled"
-                for clf, search in [(c, s) for c in args.classifiers.split(",")
-                                    for s in (args.knn_search.split(",") if c == "knn" else ["auto"])]:
-                    clf_name = clf if search == "auto" else f"{clf} ({search})"
+                for clf in args.classifiers.split(","):
                     for ref in args.refine.split(","):
                         refine = ref == "on"
                         options = PipelineOptions(classifier=clf, refine=refine,
-                                                  rw_method=args.rw_method, knn_search=search)
+                                                  rw_method=args.rw_method)
                         pipe = load_pipeline(run if be == "torch" else bundle, backend=be,
                                              device=args.device, options=options, **opts)
                         pipe.backend = TimedBackend(pipe.backend)
                         variants.append({
-                            "label": f"{name}/{threads}t/{clf_name}/{'refine' if refine else 'plain'}",
-                            "backend": name, "threads": threads, "classifier": clf_name,
+                            "label": f"{name}/{threads}t/{clf}/{'refine' if refine else 'plain'}",
+                            "backend": name, "threads": threads, "classifier": clf,
                             "refine": refine, "pipe": pipe})
         side = man.preprocess.max_side
         net_input = (f"longest side resized to {side} (manifest max_side), padded to a multiple "

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from spml_deploy.engine import index as I
+from spml_deploy.engine.index import exact as exact_module
+from spml_deploy.engine.index import faiss_index
 from spml_deploy.errors import ManifestError, MissingDependencyError, SpmlError
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")
@@ -205,7 +207,9 @@ def test_k_larger_than_ntotal_and_empty_index():
         assert ids.shape == (2, 5) and sorted(ids[0].tolist()) == [0, 1, 2, 3, 4]
         assert ids[0, 0] == 0 and ids[1, 0] == 1
     with pytest.raises(SpmlError, match="empty"):
-        I.KnnClassifier(I.ExactIndex(8), np.zeros(0, np.int64), num_classes=2).predict(x)
+        I.ExactIndex(8).vote(x, 3, num_classes=2)
+    with pytest.raises(SpmlError, match="empty"):
+        I.PrototypeIndex(8).vote(x, 3, num_classes=2)
 
 
 def test_bad_inputs_are_rejected():
@@ -224,23 +228,47 @@ def test_bad_inputs_are_rejected():
 # classifier, fallback, GPU
 
 
-def test_knn_classifier_matches_topk_vote():
+def test_index_vote_matches_topk_vote():
     x, q = data_and_queries(4000, 50, 32, seed=9)
     labels = np.random.default_rng(1).integers(0, 6, 4000)
     ids = np.arange(4000, dtype=np.int64)[::-1] * 5 + 7  # labels[i] belongs to ids[i]
+    want = I.topk_vote(q, x, labels, k=20, num_classes=6)
     for index in (I.PrototypeIndex(32, "flat"), I.ExactIndex(32)):
-        index.add(x, ids)
-        clf = I.KnnClassifier(index, labels, k=20, num_classes=6, ids=ids)
-        want = I.topk_vote(q, x, labels, k=20, num_classes=6)
-        assert torch.equal(clf.predict(q), want)
-        torch.testing.assert_close(clf.predict_proba(q), I.soft_vote(q, x, labels, 20, 6))
+        index.add(x, ids, labels)
+        assert torch.equal(index.vote(q, 20, 6), want)
+        assert torch.equal(index.vote(torch.from_numpy(q), 20, 6), want)
+        torch.testing.assert_close(index.vote(q, 20, 6, soft=True), I.soft_vote(q, x, labels, 20, 6))
+        _, got_ids, got_labels = index.search_labels(q, 20)
+        np.testing.assert_array_equal(got_labels, labels[3999 - (got_ids - 7) // 5])
+    with pytest.raises(ValueError, match="0..4"):
+        index.vote(q, 20, 5)                       # a label of 5 is no class of 5
+    unlabelled = I.ExactIndex.of(x, np.where(labels == 0, -1, labels))   # -1 does not vote
+    frac = unlabelled.vote(q, 20, 6, soft=True)
+    assert torch.all(frac[:, 0] == 0) and torch.allclose(frac.sum(1), torch.ones(50))
+
+
+def test_exact_search_matches_float64_brute_force():
+    """The exact index (grouped top-k, float32) against a float64 brute-force oracle written
+    directly in numpy, over sizes that take the grouped and the plain paths."""
+    for n, k in ((9000, 20), (50, 7), (3001, 1)):
+        x, q = data_and_queries(n, 80, 32, seed=n)
+        ids = np.arange(n, dtype=np.int64) * 7 + 3
+        scores, got = I.ExactIndex.of(x, ids=ids).search(q, k)
+        sims = q.astype(np.float64) @ x.astype(np.float64).T
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        want_s = np.take_along_axis(sims, order, axis=1)
+        np.testing.assert_allclose(scores, want_s, rtol=0, atol=1e-5)
+        s_next = np.sort(sims, axis=1)[:, ::-1][:, : k + 1]
+        gaps = np.abs(np.diff(s_next, axis=1)).min(axis=1) > 1e-5      # no near-tie up to k + 1
+        assert gaps.mean() > 0.8
+        np.testing.assert_array_equal(got[gaps], ids[order][gaps])
 
 
 def test_fallback_without_faiss(monkeypatch):
     def missing():
         raise MissingDependencyError("faiss", "index", "the FAISS prototype index")
 
-    monkeypatch.setattr(I, "_faiss", missing)
+    monkeypatch.setattr(faiss_index, "_faiss", missing)
     with pytest.raises(MissingDependencyError, match=r"spml-deploy\[index\]"):
         I.PrototypeIndex(8)
     index = I.make_index(8, "hnsw")
@@ -312,16 +340,14 @@ def test_memory_vote_matches_reference_at_segment_job_size(monkeypatch):
     x, q = data_and_queries(9216, 576, 32, seed=15)
     labels = torch.from_numpy(np.random.default_rng(2).integers(0, 9, 9216))
     m, qt = torch.from_numpy(x), torch.from_numpy(q)
-    from spml_deploy.engine.pipeline import PrototypeMemory
-
-    memory = PrototypeMemory(x, labels.numpy(), 9, k=20)
+    memory = I.ExactIndex.of(x, labels)
     want = reference_vote(qt, m, labels, 20, 9)
-    assert torch.equal(memory.vote(qt), want)
+    assert torch.equal(memory.vote(qt, 20, 9), want)
     assert torch.equal(I.topk_vote(qt, x, labels, 20, 9), want)
     assert torch.equal(I.topk_vote(qt, I.MemoryMatrix(m), labels, 20, 9, method="plain"), want)
-    monkeypatch.setattr(I, "_CPU_BLOCK_ELEMENTS", 1 << 16)              # chunks of ~5 queries
-    assert torch.equal(memory.vote(qt), want)
-    got_l, got_s = I.knn_labels(qt, memory._matrix, labels, 20)
+    monkeypatch.setattr(exact_module, "CPU_BLOCK_ELEMENTS", 1 << 16)    # chunks of ~5 queries
+    assert torch.equal(I.ExactIndex.of(x, labels).vote(qt, 20, 9), want)
+    got_l, got_s = I.knn_labels(qt, I.MemoryMatrix(m), labels, 20)
     want_s, want_i = reference_topk(qt, m, 20)
     torch.testing.assert_close(got_s, want_s, rtol=0, atol=1e-6)
     gap = (want_s[:, 18] - want_s[:, 19]) > 1e-5                        # no near-tie at the cut
@@ -330,7 +356,8 @@ def test_memory_vote_matches_reference_at_segment_job_size(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# the training memory saved as a FAISS index (memory_index.npz)
+# the training memory as an index file (new runs: memory.npz; older runs: memory.npz of
+# prototypes + labels beside memory_index.npz, a format-1 FAISS file without labels)
 
 
 def _memory_case(n: int = 9216, nq: int = 576, seed: int = 15):
@@ -339,108 +366,100 @@ def _memory_case(n: int = 9216, nq: int = 576, seed: int = 15):
     return x, q, labels
 
 
-def test_memory_index_flat_is_exact_and_round_trips(tmp_path):
-    x, q, labels = _memory_case()
-    index = I.build_memory_index(x, "flat")
-    assert isinstance(index, I.PrototypeIndex) and index.index_type == "flat"
-    assert I.index_is_exact(index) and np.array_equal(index.ids, np.arange(len(x)))
-    index.save(tmp_path / "memory_index.npz")
-    loaded = I.load_index(tmp_path / "memory_index.npz")
-    scores, ids = loaded.search(q, 20)
-    want_s, want_i = reference_topk(torch.from_numpy(q).double(), torch.from_numpy(x).double(), 20)
-    np.testing.assert_allclose(scores, want_s.numpy(), rtol=0, atol=1e-5)
-    gap = (want_s[:, :-1] - want_s[:, 1:]).abs().min(1).values.numpy() > 1e-5   # no near-tie
-    assert gap.mean() > 0.9
-    assert np.array_equal(ids[gap], want_i.numpy()[gap])
+def _write_old_memory(folder, x, labels, index_type: str) -> None:
+    """The files a run folder of the previous version holds: memory.npz (prototypes, labels)
+    and memory_index.npz (format 1: the serialised FAISS index and its ids, no labels)."""
+    import json
+
+    np.savez(folder / "memory.npz", prototypes=x, labels=labels)
+    index = I.PrototypeIndex(x.shape[1], index_type)
+    index.add(x)
+    meta = {"format_version": 1, "kind": "faiss", "dim": x.shape[1], "index_type": index_type,
+            "params": index.params}
+    np.savez(folder / "memory_index.npz", meta=np.array(json.dumps(meta)),
+             ids=np.arange(len(x), dtype=np.int64), faiss=faiss.serialize_index(index._index))
 
 
-@pytest.mark.parametrize("search", ["index", "exact", "auto"])
-def test_prototype_memory_votes_through_its_flat_index(tmp_path, search):
-    """The pipeline's kNN vote (k = 20) through the saved FAISS flat index equals the vote of
-    the brute-force reference, and so does the exact path that 'auto' picks for a flat index."""
-    from spml_deploy.engine.pipeline import PrototypeMemory
-
-    x, q, labels = _memory_case()
-    np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
-    I.build_memory_index(x, "flat").save(tmp_path / "memory_index.npz")
-    memory = PrototypeMemory.load(tmp_path / "memory.npz", 9, 20,
-                                  index_path=tmp_path / "memory_index.npz", search=search)
-    assert memory.search == ("index" if search == "index" else "exact")
-    assert (memory.index is not None) == (search == "index")
-    qt, m = torch.from_numpy(q), torch.from_numpy(x)
-    want = reference_vote(qt.double(), m.double(), torch.from_numpy(labels), 20, 9)
-    got = memory.vote(qt)
-    assert got.dtype == torch.int64 and got.shape == want.shape
-    # a vote can only differ where the 20th and 21st neighbours tie in float32
-    s = reference_topk(qt.double(), m.double(), 21)[0]
-    clear = (s[:, 19] - s[:, 20]) > 1e-5
+def _clear_vote(q, x, labels, got):
+    qt, m = torch.from_numpy(q).double(), torch.from_numpy(x).double()
+    want = reference_vote(qt, m, torch.from_numpy(labels), 20, 9)
+    s = reference_topk(qt, m, 21)[0]
+    clear = (s[:, 19] - s[:, 20]) > 1e-5        # a vote can only differ at a float32 tie
     assert clear.float().mean() > 0.9
-    assert torch.equal(got[clear], want[clear])
+    assert got.dtype == torch.int64 and torch.equal(got[clear], want[clear])
+    return want
 
 
-def test_prototype_memory_uses_an_approximate_index(tmp_path, monkeypatch):
-    """An approximate memory index (hnsw) is searched through FAISS under 'auto'; its votes
-    agree with the exact ones on nearly every query."""
-    from spml_deploy.engine.pipeline import PrototypeMemory
+def test_memory_file_round_trips_and_votes_exactly(tmp_path):
+    x, q, labels = _memory_case()
+    index = I.build_index(x, labels, "flat")
+    assert isinstance(index, I.PrototypeIndex) and I.index_is_exact(index)
+    index.save(tmp_path / "memory.npz")
+    loaded = I.load_index(tmp_path / "memory.npz")
+    np.testing.assert_array_equal(loaded.labels, labels)
+    np.testing.assert_array_equal(loaded.vectors(), x)
+    # a flat memory is searched by the exact index (the same neighbours as FAISS flat)
+    memory = I.load_memory(tmp_path / "memory.npz")
+    assert isinstance(memory, I.ExactIndex)
+    _clear_vote(q, x, labels, memory.vote(torch.from_numpy(q), 20, 9))
+    s_exact, i_exact = memory.search(q, 20)
+    s_flat, i_flat = loaded.search(q, 20)
+    np.testing.assert_allclose(s_exact, s_flat, rtol=0, atol=1e-5)
+    gap = np.abs(np.diff(s_flat, axis=1)).min(1) > 1e-5
+    assert gap.mean() > 0.9 and np.array_equal(i_exact[gap], i_flat[gap])
 
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_old_run_memory_files_still_load(tmp_path, index_type):
     x, q, labels = _memory_case(4000, 300, seed=21)
-    index = I.build_memory_index(x, "hnsw")
-    assert not I.index_is_exact(index)
-    calls = []
-    real = index.search
-    monkeypatch.setattr(index, "search", lambda v, k: calls.append(k) or real(v, k))
-    memory = PrototypeMemory(x, labels, 9, k=20, index=index)
-    assert memory.search == "index"
-    got = memory.vote(torch.from_numpy(q))
-    assert calls == [20]
-    want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
-                          torch.from_numpy(labels), 20, 9)
-    assert (got == want).float().mean() >= 0.97
-    exact = PrototypeMemory(x, labels, 9, k=20, index=index, search="exact")
-    assert exact.search == "exact" and exact.index is None
+    _write_old_memory(tmp_path, x, labels, index_type)
+    memory = I.load_memory(tmp_path / "memory.npz", tmp_path / "memory_index.npz")
+    if index_type == "flat":                    # the exact search over memory.npz
+        assert isinstance(memory, I.ExactIndex)
+        _clear_vote(q, x, labels, memory.vote(torch.from_numpy(q), 20, 9))
+    else:                                       # the approximate FAISS index, with labels
+        assert isinstance(memory, I.PrototypeIndex) and memory.index_type == "hnsw"
+        np.testing.assert_array_equal(memory.labels, labels)
+        want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
+                              torch.from_numpy(labels), 20, 9)
+        assert (memory.vote(torch.from_numpy(q), 20, 9) == want).float().mean() >= 0.97
+    # format-1 files are read by load_index too (labels -1, vectors from the flat structure)
+    old = I.load_index(tmp_path / "memory_index.npz")
+    assert np.all(old.labels == -1) and old.ntotal == len(x)
+    if index_type == "flat":
+        np.testing.assert_array_equal(old.vectors(), x)
 
 
-def test_memory_index_errors_and_fallback(tmp_path, monkeypatch, caplog):
-    from spml_deploy.errors import ConfigError
-    from spml_deploy.engine.pipeline import PrototypeMemory
-
+def test_memory_errors_and_fallback_without_faiss(tmp_path, monkeypatch, caplog):
     x, q, labels = _memory_case(500, 10, seed=3)
-    np.savez(tmp_path / "memory.npz", prototypes=x, labels=labels)
-    I.build_memory_index(x[:400], "flat").save(tmp_path / "short.npz")
+    _write_old_memory(tmp_path, x, labels, "hnsw")
+    short = tmp_path / "short"
+    short.mkdir()
+    _write_old_memory(short, x[:400], labels[:400], "hnsw")
     with pytest.raises(ManifestError, match="400 prototypes but the memory 500") as exc:
-        PrototypeMemory.load(tmp_path / "memory.npz", 9, index_path=tmp_path / "short.npz",
-                             search="index")
+        I.load_memory(tmp_path / "memory.npz", short / "memory_index.npz")
     assert "train --resume" in exc.value.fix
-    with pytest.raises(ConfigError, match="no index"):
-        PrototypeMemory(x, labels, 9, search="index")
-    with pytest.raises(ConfigError, match="unknown kNN search"):
-        PrototypeMemory(x, labels, 9, search="fast")
-    # without FAISS: the index is an exact torch index; a flat FAISS file is not even read
-    # under 'auto', an approximate one falls back to the exact search with a warning
-    I.build_memory_index(x, "flat").save(tmp_path / "memory_index.npz")
-    I.build_memory_index(x, "hnsw").save(tmp_path / "hnsw.npz")
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(ManifestError, match="unreadable"):
+        I.load_memory(tmp_path / "bad.npz")
+    I.build_index(x, labels, "flat").save(tmp_path / "new.npz")
 
     def no_faiss():
         raise MissingDependencyError("faiss", "index", "the FAISS prototype index")
 
-    monkeypatch.setattr(I, "_faiss", no_faiss)
-    fallback = I.build_memory_index(x, "hnsw")
+    monkeypatch.setattr(faiss_index, "_faiss", no_faiss)
+    fallback = I.build_index(x, labels, "hnsw")
     assert isinstance(fallback, I.ExactIndex) and I.index_is_exact(fallback)
-    with caplog.at_level("WARNING"):
-        flat = PrototypeMemory.load(tmp_path / "memory.npz", 9,
-                                    index_path=tmp_path / "memory_index.npz", search="auto")
-    assert flat.search == "exact" and "needs FAISS" not in caplog.text
-    with caplog.at_level("WARNING"):
-        memory = PrototypeMemory.load(tmp_path / "memory.npz", 9,
-                                      index_path=tmp_path / "hnsw.npz", search="auto")
-    assert memory.search == "exact" and "needs FAISS" in caplog.text
     want = reference_vote(torch.from_numpy(q).double(), torch.from_numpy(x).double(),
                           torch.from_numpy(labels), 20, 9)
-    assert torch.equal(memory.vote(torch.from_numpy(q)), want)
-    assert torch.equal(flat.vote(torch.from_numpy(q)), want)
-    with pytest.raises(MissingDependencyError):
-        PrototypeMemory.load(tmp_path / "memory.npz", 9,
-                             index_path=tmp_path / "memory_index.npz", search="index")
+    with caplog.at_level("WARNING"):            # a new flat memory file needs no FAISS
+        flat = I.load_memory(tmp_path / "new.npz")
+    assert isinstance(flat, I.ExactIndex) and "needs FAISS" not in caplog.text
+    assert torch.equal(flat.vote(torch.from_numpy(q), 20, 9), want)
+    with caplog.at_level("WARNING"):            # an old approximate one: exact, with a warning
+        memory = I.load_memory(tmp_path / "memory.npz", tmp_path / "memory_index.npz")
+    assert isinstance(memory, I.ExactIndex) and "needs FAISS" in caplog.text
+    assert torch.equal(memory.vote(torch.from_numpy(q), 20, 9), want)
 
 
 def test_memory_matrix_small_memories_dtypes_and_guards():
@@ -464,3 +483,22 @@ def test_memory_matrix_small_memories_dtypes_and_guards():
     # no queries
     v0, i0 = I.MemoryMatrix(m, group=2).topk(qt[:0], 5, method="grouped")
     assert v0.shape == (0, 5) and i0.shape == (0, 5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_file_keeps_exact_vectors_and_labels_across_load_add_save(kind, tmp_path):
+    """Every index file holds the exact vectors and labels (ivfpq keeps lossy codes only, so its
+    vectors come from the file it was read from plus those added since)."""
+    x, _ = data_and_queries(3000, 1, 16, seed=7)
+    labels = np.random.default_rng(5).integers(-1, 4, 3000)
+    index = I.PrototypeIndex(16, kind)
+    index.add(x[:2000], labels=labels[:2000])
+    path = tmp_path / "p.npz"
+    index.save(path)
+    loaded = I.load_index(path)
+    loaded.add(x[2000:], labels=labels[2000:])
+    loaded.save(path)                                   # over the file it was read from
+    again = I.load_index(path)
+    np.testing.assert_array_equal(again.vectors(), x)
+    np.testing.assert_array_equal(again.labels, labels)
+    np.testing.assert_array_equal(again.ids, np.arange(3000))

@@ -125,15 +125,15 @@ def test_refine_and_knn_paths(run, folder, tmp_path):
     rng = np.random.default_rng(1)
     protos = rng.normal(size=(50, 32)).astype(np.float32)
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    from spml_deploy.engine.pipeline import PrototypeMemory
+    from spml_deploy.engine.index import ExactIndex
 
     pipe = load_pipeline(run, options=PipelineOptions(refine=True))
     image = np.asarray(Image.open(folder / "a.png").convert("RGB"))
     (res,) = pipe.predict([image])
     assert res.labels.shape == image.shape[:2] and "refine" in res.timings
-    mem = PrototypeMemory(protos, rng.integers(0, 4, 50), num_classes=4, k=5)
+    mem = ExactIndex.of(protos, rng.integers(0, 4, 50))
     knn = Pipeline(pipe.backend, pipe.pp, pipe.class_names, pipe.palette,
-                   PipelineOptions(classifier="knn"), memory=mem)
+                   PipelineOptions(classifier="knn", knn_k=5), memory=mem)
     (res,) = knn.predict([image])
     assert res.labels.shape == image.shape[:2] and res.labels.max() < 4
 
@@ -143,6 +143,23 @@ def test_knn_without_memory_is_a_clear_error(run, capsys, tmp_path):
         main(["segment", str(run), str(tmp_path), str(tmp_path / "o"), "--classifier", "knn"])
     assert exc.value.code == 2
     assert "memory" in capsys.readouterr().err
+
+
+def test_knn_search_option_is_hidden_and_ignored(run, folder, capsys, tmp_path):
+    """The removed --knn-search option still parses (old scripts run) and says it is ignored."""
+    import click
+
+    from spml_deploy.cli import cli
+
+    segment = cli.commands["segment"]
+    assert "--knn-search" not in segment.get_help(click.Context(segment))
+    try:
+        main(["segment", str(run), str(folder / "a.png"), str(tmp_path / "o"), "--knn-search",
+              "exact", "--quiet"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert "--knn-search is ignored" in capsys.readouterr().err
+    assert (tmp_path / "o" / "labels" / "a.png").is_file()
 
 
 @pytest.mark.slow
@@ -261,7 +278,7 @@ def _reference_predict(pipe, images):
 @pytest.mark.parametrize("classifier,refine",
                          [("softmax", False), ("softmax", True), ("knn", False)])
 def test_predict_equals_reference(run, classifier, refine):
-    from spml_deploy.engine.pipeline import PrototypeMemory
+    from spml_deploy.engine.index import ExactIndex
 
     rng = np.random.default_rng(3)
     base = load_pipeline(run, options=PipelineOptions(refine=refine))
@@ -269,10 +286,10 @@ def test_predict_equals_reference(run, classifier, refine):
     if classifier == "knn":
         protos = rng.normal(size=(40, 32)).astype(np.float32)
         protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-        memory = PrototypeMemory(protos, rng.integers(0, 4, 40), num_classes=4, k=5)
+        memory = ExactIndex.of(protos, rng.integers(0, 4, 40))
     pp = replace(base.pp, max_side=64)          # small grids: a fast test
     pipe = Pipeline(base.backend, pp, base.class_names, base.palette,
-                    PipelineOptions(classifier=classifier, refine=refine), memory=memory)
+                    PipelineOptions(classifier=classifier, refine=refine, knn_k=5), memory=memory)
     images = _mixed_images(1)
     got = pipe.predict(images)
     ref = _reference_predict(pipe, images)
@@ -280,7 +297,7 @@ def test_predict_equals_reference(run, classifier, refine):
         assert g.labels.dtype == np.uint8 and g.labels.shape == im.shape[:2]
         assert np.array_equal(g.labels, r)
     keep = Pipeline(base.backend, pp, base.class_names, base.palette,
-                    PipelineOptions(classifier=classifier, refine=refine, keep_scores=True),
+                    PipelineOptions(classifier=classifier, refine=refine, keep_scores=True, knn_k=5),
                     memory=memory).predict(images[:2])
     for k, g, im in zip(keep, got, images):
         assert k.scores.shape == (4,) + im.shape[:2] and np.array_equal(k.labels, g.labels)
@@ -319,15 +336,15 @@ def test_pipelined_job_equals_predict(run, folder, tmp_path):
     """The job overlaps the network of one batch with the read-out of the previous one: the
     label maps are still exactly Pipeline.predict's, image by image, with kNN and refinement."""
     from spml_deploy.data.imageio import read_image
-    from spml_deploy.engine.pipeline import PrototypeMemory
+    from spml_deploy.engine.index import ExactIndex
 
     rng = np.random.default_rng(2)
     protos = rng.normal(size=(60, 32)).astype(np.float32)
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
     base = load_pipeline(run)
     pipe = Pipeline(base.backend, base.pp, base.class_names, base.palette,
-                    PipelineOptions(classifier="knn", refine=True),
-                    memory=PrototypeMemory(protos, rng.integers(0, 4, 60), num_classes=4, k=5))
+                    PipelineOptions(classifier="knn", refine=True, knn_k=5),
+                    memory=ExactIndex.of(protos, rng.integers(0, 4, 60)))
     report = run_segment_job(pipe, folder, tmp_path / "out", batch=1, progress=False)
     assert report.done == len(GOOD)
     assert {"network", "classifier", "refine", "postprocess", "write"} <= set(report.stages)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from spml_deploy.engine import index as I
-from spml_deploy.errors import ManifestError
+from spml_deploy.engine.index import faiss_index
+from spml_deploy.errors import ManifestError, SpmlError
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install 'spml-deploy[index]')")
 
@@ -28,6 +29,9 @@ def test_merge_topk_orders_by_score_then_id_and_puts_missing_last():
     np.testing.assert_array_equal(scores[0, :5], np.float32([0.9, 0.9, 0.6, 0.5, 0.5]))
     assert scores[0, 5] == -np.inf
     s2, i2 = I.merge_topk([a, b], 2)  # k below the total
+    # further per-result arrays (labels) travel with their entries
+    _, i3, l3 = I.merge_topk([(*a, np.array([[70, 30, -1]])), (*b, np.array([[20, 80, 10]]))], 6)
+    np.testing.assert_array_equal(l3, np.where(i3 >= 0, i3 * 10, -1))
     np.testing.assert_array_equal(i2, [[2, 7]])
     assert s2.dtype == np.float32 and s2.shape == (1, 2)
     with pytest.raises(ValueError):
@@ -66,7 +70,7 @@ def test_exact_shards_without_faiss_match_the_exact_index(monkeypatch):
     x, q = clustered(500), clustered(40, seed=3)
     truth = I.ExactIndex(32)
     truth.add(x)
-    monkeypatch.setattr(I, "_faiss", lambda: (_ for _ in ()).throw(I.SpmlError("no faiss")))
+    monkeypatch.setattr(faiss_index, "_faiss", lambda: (_ for _ in ()).throw(SpmlError("no faiss")))
     sharded = I.ShardedIndex(32, 4, "ivf")
     sharded.add(x)
     assert all(isinstance(s, I.ExactIndex) for s in sharded.shards)
@@ -143,15 +147,24 @@ def test_save_load_round_trip(tmp_path, index_type):
         I.load_index(path)
 
 
-def test_knn_classifier_votes_through_shards():
+def test_votes_through_shards(tmp_path):
     x = clustered(600)
     labels = np.random.default_rng(6).integers(0, 5, 600)
     one, sharded = I.PrototypeIndex(32, "flat"), I.ShardedIndex(32, 4, "flat")
-    one.add(x)
-    sharded.add(x)
+    one.add(x, labels=labels)
+    sharded.add(x, labels=labels)
     q = clustered(100, seed=7)
-    np.testing.assert_array_equal(I.KnnClassifier(sharded, labels, k=9).predict(q).numpy(),
-                                  I.KnnClassifier(one, labels, k=9).predict(q).numpy())
+    want = I.topk_vote(q, x, labels, 9, 5)
+    np.testing.assert_array_equal(sharded.vote(q, 9, 5).numpy(), want.numpy())
+    np.testing.assert_array_equal(one.vote(q, 9, 5).numpy(), want.numpy())
+    np.testing.assert_allclose(sharded.vote(q, 9, 5, soft=True).numpy(),
+                               I.soft_vote(q, x, labels, 9, 5).numpy(), atol=1e-6)
+    # labels and vectors survive the shard files, in id order
+    sharded.save(tmp_path / "s.npz")
+    loaded = I.load_index(tmp_path / "s.npz")
+    np.testing.assert_array_equal(loaded.labels, labels)
+    np.testing.assert_array_equal(loaded.vectors(), x)
+    np.testing.assert_array_equal(loaded.vote(q, 9, 5).numpy(), want.numpy())
 
 
 @pytest.mark.gpu

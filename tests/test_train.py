@@ -50,35 +50,36 @@ def test_train_writes_complete_run(scenes, tmp_path):
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(np.isfinite(r[k]) for r in steps for k in ("L_I", "L_A", "L_C", "CE_f0"))
-    mem = np.load(run / "memory.npz")
-    assert mem["prototypes"].shape[1] == m.model.embed_dim
-    assert np.allclose(np.linalg.norm(mem["prototypes"], axis=1), 1, atol=1e-4)
-    assert mem["labels"].min() >= 0 and mem["labels"].max() < 9
-    # ... and the memory as an index (FAISS flat where installed), id = row of memory.npz
-    from spml_deploy.engine.index import index_is_exact, load_index
+    # the memory: one prototype index file (FAISS flat where installed), id = row, with labels
+    from spml_deploy.engine.index import ExactIndex, index_is_exact, load_index, topk_vote
 
-    assert m.files["memory_index"]["path"] == "memory_index.npz"
-    index = load_index(run / "memory_index.npz")
-    assert index.ntotal == mem["prototypes"].shape[0] and index_is_exact(index)
-    scores, ids = index.search(mem["prototypes"], 1)
+    assert "memory_index" not in m.files
+    index = load_index(run / "memory.npz")
+    protos, labels = index.vectors(), index.labels
+    assert protos.shape[1] == m.model.embed_dim and index_is_exact(index)
+    assert np.array_equal(index.ids, np.arange(len(protos)))
+    assert np.allclose(np.linalg.norm(protos, axis=1), 1, atol=1e-4)
+    assert labels.min() >= 0 and labels.max() < 9
+    scores, ids = index.search(protos, 1)
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)       # each prototype finds itself
-    sims = mem["prototypes"] @ mem["prototypes"].T
+    sims = protos @ protos.T
     assert np.allclose(sims[np.arange(len(ids)), ids[:, 0]], sims.max(1), atol=1e-5)
-    # segmenting with the kNN classifier through the index = through the exact search
+    # segmenting with the kNN classifier votes over the memory by the exact search
     from spml_deploy.data.imageio import read_image
     from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 
     images = [read_image(p) for p in sorted((scenes / "images").glob("val_*.png"))]
-    by = {s: load_pipeline(run, options=PipelineOptions(classifier="knn", knn_search=s))
-          for s in ("index", "exact")}
-    assert by["index"].memory.search == "index" and by["exact"].memory.search == "exact"
-    for a, b in zip(by["index"].predict(images), by["exact"].predict(images)):
-        assert np.array_equal(a.labels, b.labels)
-    # a run whose index file went missing gets it back on --resume, listed in the manifest
-    (run / "memory_index.npz").unlink()
+    pipe = load_pipeline(run, options=PipelineOptions(classifier="knn"))
+    assert isinstance(pipe.memory, ExactIndex)
+    q = protos[::3]
+    assert torch.equal(pipe.memory.vote(q, 20, 9), topk_vote(q, protos, labels, 20, 9))
+    assert all(p.labels.shape == im.shape[:2] for p, im in zip(pipe.predict(images), images))
+    # a run whose memory file went missing gets it back on --resume, listed in the manifest
+    (run / "memory.npz").unlink()
     train(scenes, "points", run, resume=True, progress=False)
-    assert load_index(run / "memory_index.npz").ntotal == index.ntotal
-    assert "memory_index" in read_manifest(run).files
+    again = load_index(run / "memory.npz")
+    assert again.ntotal == index.ntotal and np.array_equal(again.labels, labels)
+    assert "memory" in read_manifest(run).files
 
 
 def test_resume_continues_the_same_run(scenes, tmp_path):
@@ -160,7 +161,7 @@ def test_pce_baseline_trains_end_to_end(scenes, tmp_path):
     assert all("CE" in r and "L_A" not in r for r in log if "loss" in r)
     assert set(load_weights(run / "weights.pt")) == {"net", "f0", "f1"}
     assert len(list((run / "pseudo").glob("*.png"))) == 6
-    assert {"memory", "memory_index"} <= set(read_manifest(run).files)
+    assert "memory" in read_manifest(run).files
     full = tmp_path / "ce"
     train(scenes, "full", full, overrides=_overrides(baseline="ce"), progress=False)
     assert set(load_weights(full / "weights.pt")) == {"net", "f0"}

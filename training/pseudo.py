@@ -9,10 +9,11 @@ Stages, each resumable (its outputs are files in the run folder; a finished stag
   segment prototypes; a second round uses f1 (one random-walk step) and trains f2.
 * ``classifier``: f1 (f2 for tags) trained on the frozen embeddings (``classifier.pt``).
 * ``memory``: k-means segments of the training images with majority-vote pseudo labels, saved as
-  ``memory.npz`` (prototypes + labels) and as a FAISS index of the prototypes
-  (``memory_index.npz``, id = row of ``memory.npz``; type ``segmentation.memory_index``, default
-  ``flat`` = exact) for kNN label retrieval (k = 20). Without FAISS installed the index file is
-  an exact torch index of the same format (:func:`spml_deploy.engine.index.load_index` reads both).
+  one prototype index file ``memory.npz`` (vectors, labels, ids = rows; type
+  ``segmentation.memory_index``, default ``flat`` = exact) for kNN label retrieval (k = 20).
+  Without FAISS installed the file is an exact torch index of the same format. Runs of older
+  versions hold ``memory.npz`` (prototypes + labels) and ``memory_index.npz``:
+  :func:`spml_deploy.engine.index.load_memory` reads both layouts.
 DenseCRF (spec 7.5) is applied where the spec puts it -- after the random walk of Algorithm 1
 and of Algorithm 2's CAM walk, and after the soft kNN vote -- only with ``train.crf`` (it needs
 the optional ``pydensecrf2`` package; see :mod:`spml_deploy.engine.crf`). Round 2's one-step walk has
@@ -28,7 +29,6 @@ the final memory), the kNN propagation reusing the segments of its pass.
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 
 from spml_deploy.artifacts import atomic_torch_save, load_weights
 from spml_deploy.config import VOID, RunConfig
-from spml_deploy.data.imageio import atomic_write_bytes, read_image, read_label_png, write_label_png
+from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
 from spml_deploy.engine.crf import crf_at_original
 from spml_deploy.engine.forward import Engine
-from spml_deploy.engine.index import MemoryMatrix, build_memory_index, soft_vote
+from spml_deploy.engine.index import ExactIndex, build_index
 from spml_deploy.engine.model import PixelClassifier, SegmentationModel
 from spml_deploy.engine.preprocess import Prepared, labels_to_original, valid_cells
 from spml_deploy.engine.prototypes import resize_labels_nearest, segment_memory
@@ -57,7 +57,7 @@ from spml_deploy.training.classifier import STANDALONE_DROPOUT, train_classifier
 log = logging.getLogger(__name__)
 
 MEMORY = "memory.npz"
-MEMORY_INDEX = "memory_index.npz"
+OLD_MEMORY_INDEX = "memory_index.npz"   # runs of older versions: the index beside memory.npz
 CLASSIFIER = "classifier.pt"
 PASS_BATCH = 8          # images per network call in a pass
 
@@ -241,17 +241,14 @@ def _knn_pass(memory: _Memory, cfg: RunConfig, C: int, present_of: dict[str, tor
     segments over the memory (searched through one prepared matrix), per-class max(., 0.15)
     normalisation of present classes, argmax -> ``out_dir/<stem>.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    protos, labels = memory.arrays()
-    matrix = MemoryMatrix(torch.from_numpy(protos).to(device))
-    mem_labels = torch.from_numpy(labels).to(device)
+    index = ExactIndex.of(*memory.arrays(), device=device)       # indexed once for all images
     out = []
     for stem, (q, pix, prep, item) in tqdm(memory.segments.items(), desc="kNN propagation",
                                            disable=not progress, leave=False):
         dst = out_dir / f"{stem}.png"
         if not dst.is_file():
             pix = pix.to(device).long()
-            dist = soft_vote(q.to(device), matrix, mem_labels, k=cfg.segmentation.knn_k,
-                             num_classes=C)                                          # [M, C]
+            dist = index.vote(q.to(device), cfg.segmentation.knn_k, C, soft=True)      # [M, C]
             smap = dist[pix.clamp_min(0)].permute(0, 3, 1, 2) * (pix >= 0)[:, None]  # [1,C,h,w]
             smap = F.interpolate(smap.float(), size=prep.padded_hw, mode="bilinear",
                                  align_corners=False)
@@ -264,10 +261,8 @@ def _knn_pass(memory: _Memory, cfg: RunConfig, C: int, present_of: dict[str, tor
     return out
 
 
-def _save_memory(run_dir: Path, protos: np.ndarray, labels: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, prototypes=protos.astype(np.float32), labels=labels)
-    atomic_write_bytes(run_dir / MEMORY, buf.getvalue())
+def _save_memory(run_dir: Path, cfg: RunConfig, protos: np.ndarray, labels: np.ndarray) -> None:
+    build_index(protos, labels, cfg.segmentation.memory_index).save(run_dir / MEMORY)
 
 
 def memory_from_labels(net, pairs: list[tuple[Path, Path]], cfg: RunConfig, device,
@@ -322,7 +317,7 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
         _classifier_stage(run_dir / CLASSIFIER, net, final_pairs, cfg, C, device, iters,
                           progress, "classifier f2")
         if need_memory:
-            _save_memory(run_dir, *memory_from_labels(net, final_pairs, cfg, device, progress))
+            _save_memory(run_dir, cfg, *memory_from_labels(net, final_pairs, cfg, device, progress))
     else:
         def algorithm1(seen: Seen) -> np.ndarray:
             present = _present(read_label_png(seen.item.label), C, device)
@@ -335,12 +330,11 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
         _classifier_stage(run_dir / CLASSIFIER, net, final_pairs, cfg, C, device, iters,
                           progress, "classifier f1")
         if memory is not None:
-            _save_memory(run_dir, *memory.arrays())
-    if not (run_dir / MEMORY_INDEX).is_file():     # written after the memory: a resume rebuilds it
-        with np.load(run_dir / MEMORY, allow_pickle=False) as z:
-            build_memory_index(z["prototypes"], cfg.segmentation.memory_index).save(
-                run_dir / MEMORY_INDEX)
-    return {"classifier": CLASSIFIER, "memory": MEMORY, "memory_index": MEMORY_INDEX}
+            _save_memory(run_dir, cfg, *memory.arrays())
+    files = {"classifier": CLASSIFIER, "memory": MEMORY}
+    if (run_dir / OLD_MEMORY_INDEX).is_file():     # a run of an older version, resumed
+        files["memory_index"] = OLD_MEMORY_INDEX
+    return files
 
 
 def _present_tags(tags, C: int, device) -> torch.Tensor:

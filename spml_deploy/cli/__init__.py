@@ -343,12 +343,9 @@ def _ray_kwargs(ray_address: str, ray_workers: int | None, ray_cpus: int) -> dic
 @click.option("--classifier", type=click.Choice(["softmax", "knn"]), default="softmax",
               show_default=True, help="softmax: the trained classifier; knn: vote of the 20 most "
                                       "similar training segments (prototype memory).")
-@click.option("--knn-search", type=click.Choice(["auto", "index", "exact"]), default="auto",
-              show_default=True,
-              help="How --classifier knn searches the memory. index: the memory's FAISS index "
-                   "(memory_index.npz); exact: brute force; auto: the index when it is "
-                   "approximate (ivf/ivfpq/hnsw), else exact, which gives the same neighbours "
-                   "as the default flat index and is faster on the CPU.")
+@click.option("--knn-search", type=click.Choice(["auto", "index", "exact"]), default=None,
+              hidden=True, help="Ignored: a flat memory is searched exactly, an approximate "
+                                "one through its FAISS index.")
 @click.option("--refine/--no-refine", default=False, show_default=True,
               help="Random-walk refinement of the class scores (spec 7.2).")
 @click.option("--crf/--no-crf", default=False, show_default=True,
@@ -368,7 +365,7 @@ def _ray_kwargs(ray_address: str, ray_workers: int | None, ray_cpus: int) -> dic
 @ray_options
 @torch_backend_options
 def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier: str,
-                knn_search: str, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
+                knn_search: str | None, refine: bool, crf: bool, batch: int, device: str, overlay: bool, skip_existing: bool,
                 quiet: bool, test_grid: tuple[int, int] | None, kmeans_iters: int | None,
                 knn_k: int | None, rw_beta: float | None, rw_alpha: float | None,
                 rw_squarings: int | None, ray_address: str | None, ray_workers: int | None,
@@ -392,7 +389,10 @@ def segment_cmd(model: Path, input: str, output: Path, backend: str, classifier:
     from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
     from spml_deploy.serving.segment import run_segment_job
 
-    options = PipelineOptions(classifier=classifier, refine=refine, crf=crf, knn_search=knn_search,
+    if knn_search is not None:
+        click.echo("warning: --knn-search is ignored: the memory is searched exactly when its "
+                   "index is flat, through its FAISS index otherwise", err=True)
+    options = PipelineOptions(classifier=classifier, refine=refine, crf=crf,
                               **_segmentation_overrides(
                                   test_grid=test_grid, kmeans_iters=kmeans_iters, knn_k=knn_k,
                                   rw_beta=rw_beta, rw_alpha=rw_alpha, rw_squarings=rw_squarings))

@@ -22,12 +22,11 @@ from spml_deploy.engine.backends import load_backend
 from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.engine.crf import crf_at_original, require_crf
 from spml_deploy.engine.forward import Engine
-from spml_deploy.engine.index import (KnnClassifier, MemoryMatrix, gpu_available, index_is_exact,
-                                      load_index, meta_is_exact, read_index_meta, topk_vote)
-from spml_deploy.engine.preprocess import (Prepared, class_argmax, labels_to_original, valid_cells)
+from spml_deploy.engine.index import load_memory
+from spml_deploy.engine.preprocess import Prepared, class_argmax, labels_to_original, valid_cells
 from spml_deploy.engine.prototypes import segment_memory
 from spml_deploy.engine.refine import refine_labels
-from spml_deploy.errors import ConfigError, ManifestError, MissingDependencyError
+from spml_deploy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,6 @@ class PipelineOptions:
     test_grid: tuple[int, int] | None = None     # k-means grid of the kNN read-out
     kmeans_iters: int | None = None
     knn_k: int | None = None
-    knn_search: str = "auto"             # "auto" | "index" (the memory's FAISS index) | "exact"
     rw_beta: float | None = None
     rw_alpha: float | None = None
     rw_squarings: int | None = None
@@ -97,8 +95,9 @@ class Pipeline:
     """Batch inference shared by every backend.
 
     ``backend(x)`` maps normalised images [B, 3, H, W] to (unit embeddings, logits) at stride 4.
-    ``memory`` (for ``classifier='knn'``) is an object with ``vote(queries [M, D]) -> labels [M]``
-    (see :mod:`spml_deploy.engine.index`). Options left unset (None) take their value from
+    ``memory`` (for ``classifier='knn'``): the training memory as a labelled prototype index
+    (:mod:`spml_deploy.engine.index`, e.g. :func:`~spml_deploy.engine.index.load_memory`),
+    voted with ``options.knn_k`` neighbours. Options left unset (None) take their value from
     ``segmentation`` (the model's settings; default :class:`SegmentationConfig`).
     """
 
@@ -232,7 +231,7 @@ class Pipeline:
         (protos, _, _, pix) = segment_memory(phi, None, valid, self.opt.test_grid,
                                              iters=self.opt.kmeans_iters, return_index=True)
         C = len(self.class_names)
-        seg_labels = self.memory.vote(protos).to(phi.device)           # [M]
+        seg_labels = self.memory.vote(protos, self.opt.knn_k, C).to(phi.device)      # [M]
         lab = torch.where(pix >= 0, seg_labels[pix.clamp_min(0)], 0)    # [B, h, w]
         return F.one_hot(lab, C).permute(0, 3, 1, 2).float()
 
@@ -248,93 +247,6 @@ class Pipeline:
                                alpha=self.opt.rw_alpha, squarings=self.opt.rw_squarings,
                                return_scores=True)
         return out
-
-class PrototypeMemory:
-    """The training set's segment prototypes with their labels, for kNN label retrieval (spec 7.3).
-
-    Two exact searches and one index:
-    * ``index``: the memory's saved index (``memory_index.npz``: FAISS ``flat`` = exact, or an
-      approximate ``ivf``/``ivfpq``/``hnsw`` for large memories), searched through
-      :class:`spml_deploy.engine.index.KnnClassifier`;
-    * otherwise the grouped exact top-k of :class:`spml_deploy.engine.index.MemoryMatrix` (a matmul +
-      top-k on CUDA).
-
-    ``search="auto"`` uses the index when it is approximate and the exact top-k when the index is
-    exact: both return the same neighbours (tested), and on the CPU the grouped top-k is 1.7x
-    faster than FAISS ``IndexFlatIP`` for a batch of 576 queries over 13.8k prototypes (2-core
-    development machine, one thread: 38 vs 64 ms). ``search="index"`` always uses the index,
-    ``"exact"`` never.
-    """
-
-    SEARCHES = ("auto", "index", "exact")
-
-    def __init__(self, prototypes: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 20,
-                 device: torch.device | str = "cpu", index=None, search: str = "auto"):
-        if search not in self.SEARCHES:
-            raise ConfigError(f"unknown kNN search '{search}'", fix=f"use one of {', '.join(self.SEARCHES)}")
-        self.protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32)).to(device)
-        self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
-        self.num_classes = num_classes
-        self.k = k
-        self._labels_checked = False                 # range check on the first vote only
-        use_index = index is not None and (search == "index"
-                                           or (search == "auto" and not index_is_exact(index)))
-        if search == "index" and index is None:
-            raise ConfigError("kNN search 'index' was asked for, but this memory has no index",
-                              fix="use --knn-search auto, or re-run 'spml-deploy train --resume' "
-                                  "to write memory_index.npz")
-        self.index = index if use_index else None
-        self.search = "index" if use_index else "exact"
-        if self.index is not None:
-            self._knn = KnnClassifier(self.index, self.labels.cpu().numpy(), k=k,
-                                      num_classes=num_classes)
-        else:
-            self._matrix = MemoryMatrix(self.protos)  # laid out once for the exact top-k search
-
-    @classmethod
-    def load(cls, path: str | Path, num_classes: int, k: int = 20, device="cpu",
-             index_path: str | Path | None = None, search: str = "auto") -> "PrototypeMemory":
-        """Read ``memory.npz`` (and, when given, the memory's index ``index_path``). Without FAISS
-        installed a FAISS index cannot be read: ``auto`` then falls back to the exact search
-        (with a warning), ``index`` fails with the install hint."""
-
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                protos, labels = z["prototypes"], z["labels"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ManifestError(f"prototype memory is unreadable ({exc})", path=path,
-                                fix="re-run 'spml-deploy train --resume' to rebuild it") from exc
-        index = None
-        if index_path is not None and search != "exact":
-            # 'auto' searches an exact (flat) index by the exact top-k: no need to read it
-            if search == "index" or not meta_is_exact(read_index_meta(index_path)):
-                try:
-                    index = load_index(index_path, use_gpu=torch.device(device).type == "cuda"
-                                       and gpu_available())
-                except MissingDependencyError:
-                    if search == "index":
-                        raise
-                    log.warning("the prototype memory's FAISS index needs FAISS (pip install "
-                                "'spml-deploy[index]'); using the exact search over %s",
-                                Path(path).name)
-            if index is not None and index.ntotal != protos.shape[0]:
-                raise ManifestError(f"the memory index holds {index.ntotal} prototypes but the "
-                                    f"memory {protos.shape[0]}", path=index_path,
-                                    fix="delete it and re-run 'spml-deploy train --resume' to "
-                                        "rebuild it")
-        return cls(protos, labels, num_classes, k, device, index=index, search=search)
-
-    def vote(self, queries: torch.Tensor) -> torch.Tensor:
-        """Majority label of the k most similar memory prototypes, per query [M, D] -> [M]
-        (ties -> smallest class id)."""
-
-        if self.index is not None:
-            return self._knn.predict(queries.detach().float().cpu().numpy()).to(self.protos.device)
-        out = topk_vote(queries.to(self.protos), self._matrix, self.labels, k=self.k,
-                        num_classes=self.num_classes, check_labels=not self._labels_checked)
-        self._labels_checked = True
-        return out
-
 
 def load_pipeline(model: str | Path | Bundle, backend: str = "torch", device: str = "cpu",
                   options: PipelineOptions = PipelineOptions(), **backend_options) -> "Pipeline":
@@ -361,11 +273,9 @@ def load_pipeline(model: str | Path | Bundle, backend: str = "torch", device: st
                               "interrupted, finish it with 'spml-deploy train ... --resume' "
                               "(its last stage builds the memory), then export again")
     if options.classifier == "knn":
-        index_file = manifest.files.get("memory_index")
-        memory = PrototypeMemory.load(folder / manifest.files["memory"]["path"],
-                                      manifest.num_classes, options.knn_k, device,
-                                      index_path=folder / index_file["path"] if index_file else None,
-                                      search=options.knn_search)
+        index_file = manifest.files.get("memory_index")     # runs written before memory.npz held the index
+        memory = load_memory(folder / manifest.files["memory"]["path"],
+                             folder / index_file["path"] if index_file else None, device)
     be = load_backend(bundle, kind=backend, device=device, **backend_options)
     return Pipeline(be, manifest.preprocess, manifest.classes, manifest.palette, options, memory,
                     segmentation=bundle.segmentation)
