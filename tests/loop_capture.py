@@ -127,6 +127,4 @@ def capture(root: Path, monkeypatch: Any) -> dict[str, np.ndarray]:
 
 def _set_lr(trainer: Any, step: int) -> None:
     """The learning rates the embedding loop sets at ``step``."""
-    from spml_deploy.training import train as train_mod
-
-    train_mod.set_lr(trainer.opt, train_mod.lr_at(step, trainer.cfg))
+    trainer.schedule.apply(trainer.opt, step)
