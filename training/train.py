@@ -29,6 +29,7 @@ from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_tex
                                    provenance, write_manifest)
 from spml_deploy.config import RunConfig, from_dict, to_dict
 from spml_deploy.data.dataset import Dataset
+from spml_deploy.data.kinds import kinds_of, needs_cams, preferred
 from spml_deploy.errors import ConfigError, TrainingError
 from spml_deploy.training.schedule import LRSchedule, make_optimizer
 
@@ -238,7 +239,7 @@ def _plan(cfg: RunConfig, n_images: int, label_kind: str, final: bool) -> str:
     run goes on with pseudo labels, the final classifier and the prototype memory."""
     t = cfg.train
     stages = []
-    if label_kind in ("tags", "boxes"):
+    if needs_cams(label_kind):
         stages.append(f"CAM classifier for the {label_kind}, {t.cam_iters} steps")
     what = f"{t.baseline} baseline" if t.baseline else "SPML embedding"
     stages.append(f"{what}, {t.iters} steps (batch {t.batch}, lr {t.lr:g})")
@@ -331,7 +332,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
         atomic_write_text(out / CONFIG, json.dumps(to_dict(cfg), indent=2) + "\n")
     sup = cfg.train.supervision
     label_kind = "full" if cfg.train.baseline == "ce" else sup
-    if label_kind == "full" and dataset.annotation_kinds().get("masks", 0) == 0:
+    if label_kind == "full" and "full" not in _kinds(dataset):
         raise TrainingError("full supervision needs masks/<stem>.png; the dataset has none",
                             path=dataset_root,
                             fix=f"use --supervision with one of: {', '.join(_kinds(dataset))}")
@@ -343,7 +344,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
 
     if info.is_main:     # the other processes wait, then read the cached label maps and regions
-        if label_kind in ("tags", "boxes"):
+        if needs_cams(label_kind):
             cams = _cams(dataset, records, cfg, out, dev, progress)
         items = prepare(dataset, records, label_kind, cfg, out / "cache", device, cams, progress)
     dist_utils.barrier()
@@ -446,13 +447,8 @@ def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,
 
 
 def _kinds(dataset: Dataset) -> list[str]:
-    kinds = dataset.annotation_kinds()
-    out = [k for k in ("scribbles", "points", "boxes", "tags") if kinds.get(k, 0)]
-    if kinds.get("sparse", 0) and "scribbles" not in out:
-        out.append("scribbles")
-    if kinds.get("masks", 0):
-        out.append("full")
-    return out
+    """The supervision kinds the dataset's annotations provide, weak kinds first."""
+    return preferred(kinds_of(k for k, n in dataset.annotation_kinds().items() if n))
 
 
 def _cams(dataset: Dataset, records, cfg: RunConfig, out: Path, dev, progress: bool) -> dict:
