@@ -95,7 +95,7 @@ def capture(root: Path, monkeypatch: Any) -> dict[str, np.ndarray]:
         trainer = Trainer(c, C, torch.device("cpu"))
         rec = []
         for step in (0, 1, 5, 9, 10, 11, 25, 39, 40):
-            _set_lr(trainer, step)
+            trainer.schedule.apply(trainer.opt, step)
             rec.append([g["lr"] for g in trainer.opt.param_groups])
         res[f"train_lr_{sched}"] = np.array(rec)
 
@@ -124,7 +124,3 @@ def capture(root: Path, monkeypatch: Any) -> dict[str, np.ndarray]:
     res["cam_x"] = torch.cat(seen[:3]).numpy()
     return res
 
-
-def _set_lr(trainer: Any, step: int) -> None:
-    """The learning rates the embedding loop sets at ``step``."""
-    trainer.schedule.apply(trainer.opt, step)
