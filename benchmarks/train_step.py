@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 from spml_deploy.training.spml_loss import spml_losses
-from spml_deploy.training.train import Trainer, _ce, lr_at, set_lr
+from spml_deploy.training.train import Trainer, _ce
 from spml_deploy.training.weak_labels import point_footprint, rasterize_points
 from torch import Tensor
 
@@ -247,7 +247,7 @@ def staged_step(trainer: Trainer, batch: dict[str, Tensor], step: int,
     tags = batch["tags"].to(dev, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    set_lr(trainer.opt, lr_at(step, cfg))
+    trainer.schedule.apply(trainer.opt, step)
     trainer.opt.zero_grad(set_to_none=True)
     with timer("net_fwd"), torch.autocast(dev.type, dtype=torch.bfloat16,
                                           enabled=precision == "bf16"):

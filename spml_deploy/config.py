@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from spml_deploy.data.kinds import SUPERVISIONS
 from spml_deploy.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VOID = 255
 
-SUPERVISIONS = ("full", "scribbles", "points", "boxes", "tags")
 BACKBONES = ("tiny", "resnet18", "resnet50", "resnet101")
 
 

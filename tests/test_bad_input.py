@@ -19,7 +19,7 @@ import spml_deploy.serving.segment as segment_mod
 from runs import make_run
 from spml_deploy.artifacts import read_manifest, write_manifest
 from spml_deploy.cli import main
-from spml_deploy.errors import ConfigError, SpmlError, TrainingError
+from spml_deploy.errors import ConfigError, SpmlError
 from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
 from spml_deploy.serving.segment import run_segment_job
 from spml_deploy.data.synth import synthesize
@@ -139,7 +139,7 @@ def test_resume_restores_the_record_of_a_label_map_finished_before_a_kill(run, t
 
 def test_list_paths_are_relative_to_the_list_and_errors_name_the_path_tried(run, tmp_path,
                                                                            monkeypatch):
-    src = _images(tmp_path / "photos", ["a.png", "b.png"])
+    _images(tmp_path / "photos", ["a.png", "b.png"])
     (tmp_path / "lists").mkdir()
     monkeypatch.chdir(tmp_path)
     # written relative to the working directory: no line exists next to the list -> refused

@@ -12,7 +12,7 @@ from spml_deploy.cli import main
 from spml_deploy.config import preset
 from spml_deploy.errors import ConfigError, TrainingError
 from spml_deploy.data.synth import synthesize
-from spml_deploy.training.train import lr_at, train
+from spml_deploy.training.train import train
 
 FAST = {"train": {"iters": 4, "batch": 2, "crop": 64, "ckpt_every": 2, "log_every": 1,
                   "classifier_iters": 2}}
@@ -166,32 +166,6 @@ def test_pce_baseline_trains_end_to_end(scenes, tmp_path):
     train(scenes, "full", full, overrides=_overrides(baseline="ce"), progress=False)
     assert set(load_weights(full / "weights.pt")) == {"net", "f0"}
     assert not (full / "pseudo").exists()
-
-
-def test_lr_schedule_warmup_and_poly():
-    cfg = preset("points", "resnet50", 21)
-    assert lr_at(0, cfg) == pytest.approx(3e-4)            # 0.1 x base at t = 0
-    assert lr_at(50, cfg) < lr_at(99, cfg) <= 3e-3
-    t = 15000
-    assert lr_at(t, cfg) == pytest.approx(3e-3 * (1 - t / 30000) ** 0.9)
-
-
-def test_lr_schedule_cosine():
-    """``train.schedule: cosine``: the same warm-up, then base * (1 + cos(pi t / T)) / 2; an
-    unknown schedule is a ConfigError naming the key."""
-    from dataclasses import replace
-
-    import math
-
-    cfg = preset("full", "resnet50", 21)
-    cos = replace(cfg, train=replace(cfg.train, schedule="cosine", iters=1000, warmup=100))
-    assert lr_at(0, cos) == pytest.approx(3e-4)
-    assert lr_at(500, cos) == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
-    assert lr_at(999, cos) < 1e-7 < lr_at(900, cos)
-    assert lr_at(500, replace(cos, train=replace(cos.train, schedule="poly"))) == pytest.approx(
-        3e-3 * 0.5 ** 0.9)
-    with pytest.raises(ConfigError, match="train.schedule"):
-        lr_at(10, replace(cfg, train=replace(cfg.train, schedule="step")))
 
 
 def test_cli_bad_config_key_suggests_the_closest(scenes, tmp_path, capsys):

@@ -7,12 +7,13 @@ its class activation maps (Zhou et al. 2016):
 * :class:`CamNet`: backbone (stride 8) -> 1x1 convolution to ``C-1`` foreground scores ->
   global average pooling -> multi-label logits. ``CAM_c = ReLU(w_c . f)`` at every feature
   position (the 1x1 convolution without its bias; the bias only shifts the pooled logit).
-* :func:`train_cam`: BCE on the tags; augmentation: horizontal flip p=0.5 and a random rescale
-  that keeps the *whole* image inside the crop (longer side = ``crop * U(lo, min(hi, 1))``),
-  placed at a random position of a ``crop x crop`` canvas padded with the mean colour -- a crop
-  that cut an object out would make its tag wrong. SGD (momentum, weight decay of the train
-  config) with the poly schedule and a linear warm-up; the classifier learns 10x faster. Weights
-  are cached: a file whose config hash matches is reused.
+* :func:`train_cam`: BCE on the tags; augmentation
+  (:func:`spml_deploy.training.augment.fit_in_canvas`): horizontal flip p=0.5 and a random
+  rescale that keeps the *whole* image inside the crop, placed at a random position of a
+  ``crop x crop`` canvas padded with the mean colour -- a crop that cut an object out would make
+  its tag wrong. SGD (momentum, weight decay of the train config) with the poly schedule and a
+  linear warm-up over ``min(warmup, cam_iters // 10)`` steps; the classifier learns 10x faster.
+  Weights are cached: a file whose config hash matches is reused.
 * :func:`compute_cams`: per-class maps at image size, ReLU'd, optionally averaged over scales and
   flips, each divided by its maximum; absent classes are zero.
 """
@@ -36,6 +37,8 @@ from spml_deploy.config import ModelConfig, PreprocessConfig, TrainConfig, to_di
 from spml_deploy.errors import ConfigError, ManifestError, TrainingError
 from spml_deploy.engine.model import (INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_BN_MOMENTUM, EmbeddingNet,
                                load_pretrained_backbone, resolve_stem)
+from spml_deploy.training.augment import DecodedCache, fit_in_canvas, normalize
+from spml_deploy.training.schedule import LRSchedule, make_optimizer
 from spml_deploy.training.weak_labels import box_extent, normalize_in_box
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,6 @@ __all__ = ["CAM_VERSION", "CamNet", "cam_config_hash", "train_cam", "load_cam_mo
 
 CAM_VERSION = 1  # bump when training changes in a way that invalidates cached weights
 LR_MULT_CLASSIFIER = 10.0
-POLY_POWER = 0.9
 
 
 class CamNet(nn.Module):
@@ -139,38 +141,6 @@ def cam_config_hash(records: Sequence[Any], model_cfg: ModelConfig, train_cfg: T
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _augment(image: np.ndarray, crop: int, scale_range: tuple[float, float],
-             rng: np.random.Generator, pad_value: np.ndarray) -> np.ndarray:
-    """Whole image rescaled into a ``crop x crop`` uint8 canvas at a random place, maybe flipped."""
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    h, w = image.shape[:2]
-    lo, hi = scale_range
-    hi = min(hi, 1.0)
-    lo = min(lo, hi)
-    s = float(rng.uniform(lo, hi)) * crop / max(h, w)
-    nh, nw = max(1, min(crop, int(round(h * s)))), max(1, min(crop, int(round(w * s))))
-    small = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)
-    canvas = np.empty((crop, crop, 3), np.uint8)
-    canvas[:] = pad_value
-    y0 = int(rng.integers(0, crop - nh + 1))
-    x0 = int(rng.integers(0, crop - nw + 1))
-    canvas[y0:y0 + nh, x0:x0 + nw] = small
-    return canvas
-
-
-def _normalize_batch(batch: np.ndarray, preprocess: PreprocessConfig, device: torch.device,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 RGB [B,H,W,3] -> normalised float [B,3,H,W] on ``device``."""
-    # contiguous NCHW: torch 2.13 CPU corrupts memory in the backward pass of the tiny backbone
-    # (width 4, 32 x 32) when given the channels-last strides that a bare permute leaves
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
-    x = x.to(dtype).contiguous()
-    mean = torch.tensor(preprocess.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=device, dtype=dtype).view(1, 3, 1, 1)
-    return (x * preprocess.scale - mean) / std
-
-
 def _read_checkpoint(path: Path) -> dict | None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -203,8 +173,6 @@ def train_cam(records: Sequence[Any], model_cfg: ModelConfig, train_cfg: TrainCo
     """
     from tqdm.auto import tqdm
 
-    from spml_deploy.data.imageio import read_image
-
     out_path = Path(out_path)
     preprocess = preprocess or PreprocessConfig()
     records = list(records)
@@ -235,48 +203,33 @@ def train_cam(records: Sequence[Any], model_cfg: ModelConfig, train_cfg: TrainCo
         dict(params=[p for p in model.backbone.parameters() if p.requires_grad], lr_mult=1.0),
         dict(params=list(model.classifier.parameters()), lr_mult=LR_MULT_CLASSIFIER),
     ]
-    opt = torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                          weight_decay=train_cfg.weight_decay)
+    opt = make_optimizer(groups, train_cfg, "sgd")
     iters = int(train_cfg.cam_iters)
-    warm = min(int(train_cfg.warmup), iters // 10)
+    schedule = LRSchedule(train_cfg.lr, iters, min(int(train_cfg.warmup), iters // 10), "poly",
+                          ramp="linear")
     pad = np.round(np.asarray(preprocess.mean) / preprocess.scale).clip(0, 255).astype(np.uint8)
     crop = int(train_cfg.crop) - int(train_cfg.crop) % INPUT_MULTIPLE
     if crop < INPUT_MULTIPLE:
         raise ConfigError(f"train.crop={train_cfg.crop} is too small for the CAM classifier",
                           fix=f"use a crop of at least {INPUT_MULTIPLE}")
     batch = max(1, min(int(train_cfg.batch), len(records)))
-    cache: dict[int, np.ndarray] = {}
-    budget = 1 << 30  # keep decoded images in memory up to 1 GiB
-    used = 0
-
-    def load(i: int) -> np.ndarray:
-        nonlocal used
-        if i in cache:
-            return cache[i]
-        img = read_image(records[i].path)
-        if used + img.nbytes <= budget:
-            cache[i] = img
-            used += img.nbytes
-        return img
-
+    cache = DecodedCache()
     tags_t = torch.from_numpy(tags).to(device)
     order = rng.permutation(len(records))
     pos = 0
     bar = tqdm(range(iters), desc="CAM classifier", unit="it", disable=not progress, leave=False)
     loss_v = float("nan")
     for step in bar:
-        lr = train_cfg.lr * ((step + 1) / max(warm, 1) if step < warm
-                             else (1.0 - step / iters) ** POLY_POWER)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
+        schedule.apply(opt, step)
         idx = []
         for _ in range(batch):
             if pos == len(order):
                 order, pos = rng.permutation(len(records)), 0
             idx.append(int(order[pos]))
             pos += 1
-        imgs = np.stack([_augment(load(i), crop, train_cfg.scale_range, rng, pad) for i in idx])
-        x = _normalize_batch(imgs, preprocess, device)
+        imgs = np.stack([fit_in_canvas(cache.get(records[i].path), crop, train_cfg.scale_range,
+                                       rng, pad) for i in idx])
+        x = normalize(imgs, preprocess, device)
         logits = model(x)
         loss = F.binary_cross_entropy_with_logits(logits, tags_t[idx])
         if not torch.isfinite(loss):
@@ -368,7 +321,7 @@ def compute_cams(model: CamNet, image: np.ndarray, classes: Any,
         nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
         img = image if (nh, nw) == (h, w) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
         batch = np.stack([img, img[:, ::-1]]) if flip else img[None]
-        x = _normalize_batch(batch, preprocess, dev, dtype)
+        x = normalize(batch, preprocess, dev, dtype)
         maps = model.cams(x)[:, sel]                                      # [1|2, P, nh, nw]
         if flip:
             maps = maps[0:1] + maps[1:2].flip(-1)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from spml_deploy.artifacts import atomic_torch_save, load_weights
 from spml_deploy.config import VOID, RunConfig
 from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
+from spml_deploy.data.kinds import kind
 from spml_deploy.engine.crf import crf_at_original
 from spml_deploy.engine.forward import Engine
 from spml_deploy.engine.index import ExactIndex, build_index
@@ -289,7 +290,7 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
     present_of = {it.stem: _present_tags(it.tags, C, device) for it in items}
     need_memory = not (run_dir / MEMORY).is_file()
     with_f0 = SegmentationModel(net, f0)
-    if cfg.train.supervision == "tags":
+    if kind(cfg.train.supervision).image_level:     # Algorithm 2 (image tags)
         cam_model = load_cam_model(run_dir / "cache" / "cam.pt", cfg.model, device)
 
         def cam_walk(seen: Seen) -> np.ndarray:                 # Algorithm 2 step 2

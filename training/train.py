@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import replace
@@ -30,9 +29,11 @@ from spml_deploy.artifacts import (Manifest, atomic_torch_save, atomic_write_tex
                                    provenance, write_manifest)
 from spml_deploy.config import RunConfig, from_dict, to_dict
 from spml_deploy.data.dataset import Dataset
+from spml_deploy.data.kinds import kinds_of, needs_cams, preferred
 from spml_deploy.engine.model import SegmentationModel
 from spml_deploy.errors import ConfigError, TrainingError
 from spml_deploy.evaluation.model_scores import score_model
+from spml_deploy.training.schedule import LRSchedule, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +41,6 @@ CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.pt"
 CONFIG = "config.json"
 LOG = "train_log.jsonl"
-
-
-SCHEDULES = ("poly", "cosine")
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Spec 6: poly 0.9 decay with linear warm-up over the first ``warmup`` steps;
-    ``train.schedule: cosine`` decays as ``(1 + cos(pi t/T)) / 2`` instead (same warm-up)."""
-    t, T, base = step, max(cfg.train.iters, 1), cfg.train.lr
-    schedule = getattr(cfg.train, "schedule", "poly")
-    if schedule == "cosine":
-        lr = base * 0.5 * (1.0 + math.cos(math.pi * min(t, T - 1) / T))
-    elif schedule == "poly":
-        lr = base * (1.0 - min(t, T - 1) / T) ** 0.9
-    else:
-        raise ConfigError(f"unknown train.schedule '{schedule}'",
-                          fix=f"use one of {', '.join(SCHEDULES)}")
-    if t < cfg.train.warmup:
-        lr = min(base * (0.1 * (1 - t / cfg.train.warmup) + t / cfg.train.warmup), lr)
-    return lr
 
 
 def has_final_stages(cfg: RunConfig) -> bool:
@@ -76,20 +57,6 @@ def backbone_lr_mult(cfg: RunConfig) -> float:
     if cfg.train.backbone_lr_mult > 0:
         return cfg.train.backbone_lr_mult
     return 1.0 if cfg.train.pretrained else 10.0
-
-
-def make_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (spec 6) or AdamW; both follow the same warm-up + poly schedule."""
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
-    if cfg.train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.train.lr)
-    raise ConfigError(f"unknown train.optimizer '{cfg.train.optimizer}'", fix="use sgd or adamw")
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
 def _ce(logits: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -141,7 +108,8 @@ class Trainer:
                 self.module, device_ids=[device.index] if device.type == "cuda" else None)
         groups = param_groups(self.net, self.f0, cfg.train.lr, cfg.train.weight_decay,
                               backbone_mult=backbone_lr_mult(cfg))
-        self.opt = make_optimizer(groups, cfg)
+        self.opt = make_optimizer(groups, cfg.train)
+        self.schedule = LRSchedule.of(cfg.train)
         self.memory = None
         if not cfg.train.baseline:
             from spml_deploy.training.spml_loss import MemoryBank
@@ -158,7 +126,7 @@ class Trainer:
         cfg, C = self.cfg, self.C
         x = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
-        set_lr(self.opt, lr_at(step, cfg))
+        self.schedule.apply(self.opt, step)
         e, logits = self.ddp(x)                                    # [B, D, h, w] raw, f0 logits
         out: dict[str, torch.Tensor] = {}
         if cfg.train.baseline:
@@ -219,6 +187,7 @@ def resolve_config(num_classes: int, supervision: str, preset_name: str, config_
     if cfg.compat.official_loss_scale:
         cfg = apply_official_loss_scale(cfg)
     check_train_values(cfg)
+    LRSchedule.of(cfg.train)        # an unknown train.schedule fails before any training
     if cfg.train.crop % 8:
         raise ConfigError(f"crop {cfg.train.crop} must be a multiple of 8",
                           fix=f"use --crop {cfg.train.crop // 8 * 8 or 8}")
@@ -272,7 +241,7 @@ def _plan(cfg: RunConfig, n_images: int, label_kind: str, final: bool) -> str:
     run goes on with pseudo labels, the final classifier and the prototype memory."""
     t = cfg.train
     stages = []
-    if label_kind in ("tags", "boxes"):
+    if needs_cams(label_kind):
         stages.append(f"CAM classifier for the {label_kind}, {t.cam_iters} steps")
     what = f"{t.baseline} baseline" if t.baseline else "SPML embedding"
     stages.append(f"{what}, {t.iters} steps (batch {t.batch}, lr {t.lr:g})")
@@ -298,7 +267,7 @@ def _train_records(dataset: Dataset, split: str) -> list:
     records = dataset.split(split)
     if not records:
         raise TrainingError(f"the dataset has no training images: splits/{split}.txt is empty",
-                            path=dataset.root, fix=f"list the training image stems in it")
+                            path=dataset.root, fix="list the training image stems in it")
     return records
 
 
@@ -353,7 +322,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
         atomic_write_text(out / CONFIG, json.dumps(to_dict(cfg), indent=2) + "\n")
     sup = cfg.train.supervision
     label_kind = "full" if cfg.train.baseline == "ce" else sup
-    if label_kind == "full" and dataset.annotation_kinds().get("masks", 0) == 0:
+    if label_kind == "full" and "full" not in _kinds(dataset):
         raise TrainingError("full supervision needs masks/<stem>.png; the dataset has none",
                             path=dataset_root,
                             fix=f"use --supervision with one of: {', '.join(_kinds(dataset))}")
@@ -365,7 +334,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
     from spml_deploy.training.trainset import StepSampler, TrainSet, prepare
 
     if info.is_main:     # the other processes wait, then read the cached label maps and regions
-        if label_kind in ("tags", "boxes"):
+        if needs_cams(label_kind):
             cams = _cams(dataset, records, cfg, out, dev, progress)
         items = prepare(dataset, records, label_kind, cfg, out / "cache", device, cams, progress)
     dist_utils.barrier()
@@ -406,7 +375,7 @@ def train(dataset_root: Path, supervision: str, out: Path, *, preset_name: str =
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"}, refresh=False)
             if step % cfg.train.log_every == 0 or step == cfg.train.iters:
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-                rec = {"step": step, "lr": lr_at(step - 1, cfg), "it_s": round(rate, 3), **terms}
+                rec = {"step": step, "lr": trainer.schedule.at(step - 1), "it_s": round(rate, 3), **terms}
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
             if val_every and has_val and (step % val_every == 0 or step == cfg.train.iters):
@@ -468,13 +437,8 @@ def write_run_manifest(out: Path, dataset: Dataset, cfg: RunConfig, step: int,
 
 
 def _kinds(dataset: Dataset) -> list[str]:
-    kinds = dataset.annotation_kinds()
-    out = [k for k in ("scribbles", "points", "boxes", "tags") if kinds.get(k, 0)]
-    if kinds.get("sparse", 0) and "scribbles" not in out:
-        out.append("scribbles")
-    if kinds.get("masks", 0):
-        out.append("full")
-    return out
+    """The supervision kinds the dataset's annotations provide, weak kinds first."""
+    return preferred(kinds_of(k for k, n in dataset.annotation_kinds().items() if n))
 
 
 def _cams(dataset: Dataset, records, cfg: RunConfig, out: Path, dev, progress: bool) -> dict:

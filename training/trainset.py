@@ -4,7 +4,8 @@ Preparation turns each training image's weak annotation into a pixel label map (
 ``UNL`` = ``num_classes`` for unlabelled-but-used pixels, ``VOID`` = 255) and computes its
 over-segmentation; both are cached as files in the run folder so that a resumed or repeated run
 does not redo them. The torch ``Dataset`` reads image, label map and regions from disk and applies
-the augmentation of spec section 1.2 (flip, rescale, pad, random crop, normalisation).
+the augmentation of spec section 1.2 (:func:`spml_deploy.training.augment.scale_crop`, then
+:func:`~spml_deploy.training.augment.normalize`), keeping decoded files in a :class:`DecodedCache`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from spml_deploy.config import VOID, RunConfig
 from spml_deploy.data.dataset import Dataset, ImageRecord
 from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
+from spml_deploy.training.augment import DEFAULT_CACHE_BYTES, DecodedCache, normalize, scale_crop
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ class PreparedItem:
     region: Path       # over-segmentation ids (< 256)
     tags: tuple[int, ...]
 
+
+def _read_region(path: Path) -> np.ndarray:
+    """An over-segmentation file (``.npz`` with ``region``, or a label PNG) as int32 [H, W]."""
+    region = np.load(path)["region"] if path.suffix == ".npz" else read_label_png(path)
+    return region.astype(np.int32)
 
 
 def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg: RunConfig,
@@ -75,42 +81,6 @@ def prepare(dataset: Dataset, records: list[ImageRecord], supervision: str, cfg:
     return items
 
 
-def _random_scale(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(rng.uniform(lo, hi))
-
-
-def augment(image: np.ndarray, label: np.ndarray, region: np.ndarray, crop: int,
-            scale_range: tuple[float, float], rng: np.random.Generator,
-            mean: tuple[float, float, float], std: tuple[float, float, float],
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spec 1.2: flip p=0.5, rescale U(scale_range) (image bilinear, labels nearest), pad to at
-    least ``crop`` (image with the mean, labels VOID), random ``crop`` x ``crop``, normalise.
-
-    Returns the image as float32 [3, crop, crop], label uint8 [crop, crop], region int32.
-    """
-    if rng.random() < 0.5:
-        image, label, region = image[:, ::-1], label[:, ::-1], region[:, ::-1]
-    s = _random_scale(rng, *scale_range)
-    h, w = label.shape
-    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
-    image = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(np.ascontiguousarray(label), (nw, nh), interpolation=cv2.INTER_NEAREST)
-    region = cv2.resize(np.ascontiguousarray(region).astype(np.int32), (nw, nh),
-                        interpolation=cv2.INTER_NEAREST)
-    img = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    ph, pw = max(crop, nh), max(crop, nw)
-    if (ph, pw) != (nh, nw):
-        # padding with the mean colour = zeros after normalisation
-        img = np.pad(img, ((0, ph - nh), (0, pw - nw), (0, 0)))
-        label = np.pad(label, ((0, ph - nh), (0, pw - nw)), constant_values=VOID)
-        region = np.pad(region, ((0, ph - nh), (0, pw - nw)), constant_values=0)
-    y0 = int(rng.integers(0, ph - crop + 1))
-    x0 = int(rng.integers(0, pw - crop + 1))
-    sl = (slice(y0, y0 + crop), slice(x0, x0 + crop))
-    img = np.ascontiguousarray(img[sl].transpose(2, 0, 1))
-    return img, np.ascontiguousarray(label[sl]), np.ascontiguousarray(region[sl])
-
-
 class TrainSet(torch.utils.data.Dataset):
     """Augmented crops of prepared items; sample ``i`` of epoch ``e`` is deterministic in the seed."""
 
@@ -119,29 +89,34 @@ class TrainSet(torch.utils.data.Dataset):
         self.cfg = cfg
         self.num_classes = num_classes
         self.seed = seed
+        # one cache per loading process: the budget is shared by the DataLoader workers
+        self.cache = DecodedCache(DEFAULT_CACHE_BYTES // max(1, cfg.train.workers))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image uint8 [H, W, 3], label map uint8 [H, W] and region map int32 [H, W] of an item."""
         it = self.items[idx]
-        image = read_image(it.image)
-        label = read_label_png(it.label)
-        region = np.load(it.region)["region"] if it.region.suffix == ".npz" else read_label_png(it.region)
-        return image, label, region.astype(np.int32)
+        image = self.cache.get(it.image)
+        label = self.cache.get(it.label, read_label_png)
+        region = self.cache.get(it.region, _read_region)
+        return image, label, region
 
     def sample(self, idx: int, draw: int) -> dict[str, torch.Tensor]:
-        """Crop number ``draw`` of item ``idx`` (the RNG is seeded by (seed, draw))."""
+        """Crop number ``draw`` of item ``idx`` (the RNG is seeded by (seed, draw, idx)):
+        ``image`` float32 [3, crop, crop], ``label`` and ``region`` int64 [crop, crop], ``tags``
+        float32 [C] (1 for the item's tags), ``index``."""
         rng = np.random.default_rng([self.seed, draw, idx])
         image, label, region = self.load(idx)
-        pp = self.cfg.preprocess
-        img, lab, reg = augment(image, label, region, self.cfg.train.crop,
-                                self.cfg.train.scale_range, rng, pp.mean, pp.std)
+        t = self.cfg.train
+        c = scale_crop(image, label, t.crop, t.scale_range, rng, region=region)
+        img = normalize(c.image[None], self.cfg.preprocess, valid=[c.valid])[0]
         tags = np.zeros(self.num_classes, np.float32)
         tags[list(self.items[idx].tags)] = 1.0
-        return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab.astype(np.int64)),
-                "region": torch.from_numpy(reg.astype(np.int64)), "tags": torch.from_numpy(tags),
-                "index": torch.tensor(idx)}
+        return {"image": img, "label": torch.from_numpy(c.label.astype(np.int64)),
+                "region": torch.from_numpy(c.region.astype(np.int64)),
+                "tags": torch.from_numpy(tags), "index": torch.tensor(idx)}
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         idx, draw = key

@@ -26,7 +26,7 @@ from typing import Any, Union
 import cv2
 import numpy as np
 
-from spml_deploy.config import SUPERVISIONS
+from spml_deploy.data.kinds import SUPERVISIONS, kind as supervision_kind, kinds_of, preferred
 from spml_deploy.errors import DatasetError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -396,20 +396,12 @@ def labels_from_sparse(sparse: np.ndarray, num_classes: int, unl: int | None = N
 
 
 def record_kinds(record: Any) -> tuple[str, ...]:
-    """Annotation kinds one image has, in :data:`SUPERVISIONS` order.
+    """Supervision kinds one image (an ``ImageRecord``) has, in :data:`SUPERVISIONS` order.
 
-    A sparse PNG counts as both scribbles and points (it is accepted for either).
+    A sparse PNG counts as both scribbles and points (it is accepted for either); an image whose
+    tags were given (even empty: background only) or derived has tags.
     """
-    has_sparse = getattr(record, "sparse_path", None) is not None
-    have = {
-        "full": getattr(record, "mask_path", None) is not None,
-        "scribbles": bool(getattr(record, "scribbles", ())) or has_sparse,
-        "points": bool(getattr(record, "points", ())) or has_sparse,
-        "boxes": bool(getattr(record, "boxes", ())),
-        # an image whose tags were given (even empty: background only) or derived has tags
-        "tags": bool(getattr(record, "tags", ())) or getattr(record, "tags_source", "none") != "none",
-    }
-    return tuple(k for k in SUPERVISIONS if have[k])
+    return kinds_of(record.annotation_kinds())
 
 
 def dataset_kinds(records: Iterable[Any]) -> tuple[str, ...]:
@@ -418,10 +410,6 @@ def dataset_kinds(records: Iterable[Any]) -> tuple[str, ...]:
     for r in records:
         found.update(record_kinds(r))
     return tuple(k for k in SUPERVISIONS if k in found)
-
-
-def _kind_phrase(kind: str) -> str:
-    return "full masks" if kind == "full" else kind
 
 
 def check_supervision(records: Sequence[Any], kind: str, name: str = "dataset") -> None:
@@ -436,10 +424,10 @@ def check_supervision(records: Sequence[Any], kind: str, name: str = "dataset") 
     if kind in kinds:
         return
     if kinds:
-        alt = next((k for k in ("scribbles", "points", "boxes", "tags", "full") if k in kinds))
-        raise TrainingError(f"{name} has no {_kind_phrase(kind)}; it has: {', '.join(kinds)} "
-                            f"(use --supervision {alt})")
-    raise TrainingError(f"{name} has no {_kind_phrase(kind)} and no other annotations either",
+        raise TrainingError(f"{name} has no {supervision_kind(kind).phrase}; it has: "
+                            f"{', '.join(kinds)} (use --supervision {preferred(kinds)[0]})")
+    raise TrainingError(f"{name} has no {supervision_kind(kind).phrase} and no other "
+                        "annotations either",
                         fix="add annotations.json entries (points, scribbles, boxes, tags) or masks/")
 
 
@@ -483,7 +471,8 @@ def weak_label_map(record: Any, kind: str, num_classes: int, cfg: Any = None,
                 and not tuple(getattr(record, "tags", ()) or ()))
     if kind not in kinds and not empty_ok and (strict or kind == "full"):
         have = ", ".join(kinds) if kinds else "nothing"
-        raise TrainingError(f"image '{name}' has no {_kind_phrase(kind)}; it has: {have}",
+        raise TrainingError(f"image '{name}' has no {supervision_kind(kind).phrase}; it has: "
+                            f"{have}",
                             fix="choose a --supervision kind the dataset has (spml-deploy data check)")
     if kind == "full":
         from spml_deploy.data.dataset import load_mask

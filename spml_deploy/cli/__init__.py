@@ -17,6 +17,7 @@ import click
 
 from spml_deploy import __version__
 from spml_deploy.cli import demo as demo_defaults
+from spml_deploy.data.kinds import SUPERVISIONS, WEAK_KINDS
 from spml_deploy.errors import SpmlError
 
 CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
@@ -100,7 +101,7 @@ def data_synth(out: Path, n_train: int, n_val: int, size: int, seed: int, parts:
 @data.command("weaken", context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--kind", "kinds", multiple=True, required=True,
-              type=click.Choice(["points", "scribbles", "boxes", "tags"]),
+              type=click.Choice(list(WEAK_KINDS)),
               help="Annotation kind to derive from masks/ (repeatable).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Random seed of the derived points/scribbles.")
@@ -180,7 +181,7 @@ def _parse_set(values: tuple[str, ...]) -> dict:
 
 @cli.command("train", context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--supervision", type=click.Choice(["full", "scribbles", "points", "boxes", "tags"]),
+@click.option("--supervision", type=click.Choice(list(SUPERVISIONS)),
               default="points", show_default=True, help="Which annotation trains the model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to write.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),

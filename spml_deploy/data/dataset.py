@@ -132,7 +132,7 @@ class ImageRecord:
     def annotation_kinds(self) -> tuple[str, ...]:
         """The annotation kinds this image has, in :data:`KINDS` order."""
         have = {
-            "tags": self.tags_source != "none",
+            "tags": self.tags_source != "none" or bool(self.tags),
             "boxes": bool(self.boxes),
             "points": bool(self.points),
             "scribbles": bool(self.scribbles),

@@ -39,12 +39,14 @@ from scipy.sparse.csgraph import breadth_first_order
 
 from spml_deploy.data.dataset import load_dataset
 from spml_deploy.data.imageio import atomic_write_text
+from spml_deploy.data.kinds import SUPERVISION_KINDS, WEAK_KINDS
 from spml_deploy.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("tags", "boxes", "points", "scribbles")
-KIND_KEY = {"boxes": "bbox", "points": "point", "scribbles": "scribble"}
+KINDS = WEAK_KINDS
+# annotations.json key of each derived kind held in annotation entries (tags live on the image)
+KIND_KEY = {k.name: k.json_key for k in SUPERVISION_KINDS if k.derivable and k.json_key}
 IGNORE = 255
 GRID = 32          # strokes are planned on a grid of at most GRID x GRID cells per region
 CORE = 0.4         # stroke core: cells at least CORE x the maximal inscribed radius deep
