@@ -169,7 +169,7 @@ def test_weights_are_read_once_and_the_model_is_shared(run, monkeypatch):
     torch.testing.assert_close(la, lc)
     # a backend that changes the memory format works on a copy: the shared model is unchanged
     cl = TorchBackend(b, channels_last=True)
-    assert cl.net is not m1.net
+    assert cl.model is not m1 and cl.model.net is not m1.net
     assert next(m1.net.parameters()).is_contiguous()
 
 

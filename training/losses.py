@@ -214,10 +214,8 @@ def _check_pool(emb: Tensor, own: Tensor, protos: Tensor, what: str) -> None:
 
 #: Default bound on the pixel x segment entries of one chunk of the fused path on the CPU (2^20:
 #: 4 MiB per float32 buffer, so a chunk's work stays in cache; the two buffers are reused
-#: across chunks); on other devices ``MAX_CHUNK_ELEMENTS`` applies. Measured on the 2-core
-#: development CPU (co-occurrence term, 8192 pixels x 3000 segments, forward + backward):
-#: 2^22 -> 281 ms, 2^20 -> 156 ms, 2^19 -> 151 ms, 2^18 -> 193 ms with one thread; 2^22 -> 154,
-#: 2^20 -> 106, 2^19 -> 114 ms with two.
+#: across chunks); on other devices ``MAX_CHUNK_ELEMENTS`` applies. The chunk-size sweep that
+#: chose it: ``benchmarks/results/loss_speed.md`` (section "CPU chunk size").
 FUSED_CPU_CHUNK_ELEMENTS = 1 << 20
 
 #: Off the CPU, up to this many groups the group sums are a matmul against the one-hot group

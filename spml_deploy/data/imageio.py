@@ -257,7 +257,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None, min_side: int
 
 def _fast_png(im: Image.Image) -> bool:
     """Whether ``im`` is a plain 8-bit RGB or grayscale PNG (no palette, alpha or transparency
-    key), the common case that OpenCV decodes to the same pixels ~1.5x faster than Pillow."""
+    key), the common case that OpenCV decodes to the same pixels faster than Pillow."""
     return (im.format == "PNG" and im.mode in ("RGB", "L") and "transparency" not in im.info
             and im.info.get("interlace", 0) == 0)
 
@@ -439,8 +439,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
 
     Readers see either the old file or the complete new one, never a partial write, also when
     the process is killed. Parent folders are created. ``durable``: ``fsync`` the data before
-    the rename, so that it also survives a power loss or kernel crash (about 2 ms per file on an
-    SSD; batch outputs that are checked on resume, see :func:`png_is_complete`, skip it).
+    the rename, so that it also survives a power loss or kernel crash (it costs a disk flush per
+    file; batch outputs that are checked on resume, see :func:`png_is_complete`, skip it).
     Returns the path.
     """
     path = Path(path)

@@ -17,8 +17,8 @@ that ``p(1) = 1``): ``max |p - t^64| <= eps_m = 2 sum_{k>m} |c_k|`` (1.8e-6 at m
 degree that keeps this within budget (~27 at N = 1024 - 4096). The three-term recurrence runs in
 float64 and only the products with the off-diagonal affinities run in the input dtype (the
 dominant diagonal stays exact), so float32 rounding adds <= ~1e-5 (observed <= 2.3e-6 at
-N = 4096). The products use oneDNN's linear kernel on CPU (about 2x faster than MKL's GEMM for
-C << N), ``torch.bmm`` elsewhere. Affinities are built 256 rows at a time (exp and sums in
+N = 4096). The products use oneDNN's linear kernel on CPU (faster than MKL's GEMM for C << N;
+``benchmarks/refine_speed.py``), ``torch.bmm`` elsewhere. Affinities are built 256 rows at a time (exp and sums in
 cache); where the rows sampled at every N/256-th cell show that at most ``SPARSE_MAX_DENSITY``
 (15%) of the entries exceed ``tau`` (chosen so that dropping everything below it costs <= a
 quarter of the budget), the off-diagonal part is kept as a CSR matrix (``chebyshev-sparse``).
@@ -187,7 +187,7 @@ def _dense_apply(A: torch.Tensor, diag: torch.Tensor):
     with a zero diagonal (row j of A is column j of the operator), ``diag`` [B, N] the diagonal
     (float64). The product runs in A's dtype and only over the off-diagonal mass, so its rounding
     is relative to that (small) mass; the dominant diagonal term stays in float64. CPU float32:
-    oneDNN's linear kernel (streams A's rows; ~2x faster than MKL's GEMM for C << N);
+    oneDNN's linear kernel (streams A's rows; faster than MKL's GEMM for C << N);
     elsewhere torch.bmm."""
     dg = diag.unsqueeze(1)
     if A.device.type == "cpu" and A.dtype == torch.float32 and _onednn_linear_ok():

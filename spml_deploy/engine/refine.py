@@ -13,8 +13,8 @@ Five ways to compute ``M T^64`` (all batched over images, any device, float32 or
                (``6 N^3`` multiply-adds per image). ``auto`` for N <= 400.
 ``matvec``     64 products ``[C, N] x [N, N]`` (``64 C N^2``), no squaring. Affinities below
                ``1e-12`` are dropped (bound below). ``auto`` on CUDA for N > 400: the dense
-               squarings of a 64x64 grid (N = 4096) are 0.8 TFLOP per image, compute-bound
-               (16.8 ms per image in fp32 on an H200), while the 64 products of the whole batch
+               squarings of a 64x64 grid (N = 4096) are 0.8 TFLOP per image, compute-bound,
+               while the 64 products of the whole batch
                are one batched ``bmm`` per step that reads each ``N x N`` matrix once
                (memory-bound: 64 MiB per image and step).
 ``topk``       keep the ``k`` largest entries of every column, renormalise, apply the sparse
@@ -55,12 +55,9 @@ Measured against the float64 walk, score maps in [0, 1] (``tests/test_refine.py`
 * ``topk`` (k = 32): exact when N <= k; within 1e-4 only where neighbourhoods are well
   separated; on clustered embeddings 1e-3 - 0.3 (argmax agreement >= 97%).
 
-Speed (``benchmarks/results/refine_speed.md``; 2-core AMD EPYC shared with other jobs, one torch
-thread, CPU time per image, C = 7 and 21). N = 4096: ``dense`` 11.8-14.7 s; ``matvec`` 4.5-7.8x
-faster; ``chebyshev`` with a dense affinity 17.4-27.6x (0.43-0.72 s) in every regime; ``auto``
-19.1x / 22.7x (tight, 0.55-0.61 s), 21.0x / 35.0x (medium, sparse affinity, 0.36-0.64 s),
-96x / 123x (random, 0.11-0.13 s). N = 1024: ``auto`` 4.4-16.6x (C = 21 on a dense affinity is
-bounded by the flop ratio ``12 N^3 / (2 * 27 * C N^2)`` ~ 10x).
+Speed of each method by grid size and regime: ``benchmarks/refine_speed.py`` and its results,
+``benchmarks/results/refine_speed.md``. On a dense affinity the gain of ``chebyshev`` over
+``dense`` is bounded by the flop ratio ``12 N^3 / (2 * 27 * C N^2)``.
 """
 from __future__ import annotations
 
