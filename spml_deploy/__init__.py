@@ -8,7 +8,7 @@ The public Python API (what the command line itself calls)::
     labels = pipe.predict([image])[0].labels              # RGB uint8 [H, W, 3] -> uint8 [H, W]
 
     with spml.Retriever("index/") as r:                   # an index built by 'spml-deploy index'
-        hits = r.query(image, point=(120, 80), k=10)
+        hits, query = r.query(image, point=(120, 80), k=10)
 
     engine = spml.Engine(spml.load_backend("runs/pts"), pp)   # images -> embeddings, logits
 
