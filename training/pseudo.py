@@ -45,7 +45,7 @@ from spml_deploy.config import VOID, RunConfig
 from spml_deploy.data.imageio import read_image, read_label_png, write_label_png
 from spml_deploy.data.kinds import kind
 from spml_deploy.engine.crf import crf_at_original
-from spml_deploy.engine.forward import Engine
+from spml_deploy.engine.forward import Engine, same_size_runs
 from spml_deploy.engine.index import ExactIndex, build_index
 from spml_deploy.engine.model import PixelClassifier, SegmentationModel
 from spml_deploy.engine.preprocess import Prepared, labels_to_original, valid_cells
@@ -101,13 +101,7 @@ def _passes(model: torch.nn.Module, cfg: RunConfig, items: list, path_of: Callab
                     raise TrainingError(f"cannot read a training image: {r.error}",
                                         path=path_of(r.item),
                                         fix="run 'spml-deploy data check --deep' on the dataset")
-            runs: list[list] = []
-            for r in group:
-                if runs and runs[-1][0].resized[1].padded_hw == r.resized[1].padded_hw:
-                    runs[-1].append(r)
-                else:
-                    runs.append([r])
-            for run in runs:
+            for run in same_size_runs(group):
                 fw = engine.run([r.image for r in run], flip=True,
                                 resized=[r.resized for r in run])
                 for i, r in enumerate(run):

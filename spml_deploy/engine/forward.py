@@ -182,6 +182,20 @@ def read_batches(items: Sequence[Any], batch: int, pool: ThreadPoolExecutor,
         yield [f.result() for f in pending.pop(0)]
 
 
+def same_size_runs(reads: list[Read]) -> list[list[Read]]:
+    """Consecutive reads whose network inputs have the same padded size, in order: one
+    :meth:`Engine.run` per run keeps every image's outputs equal to those of the image alone
+    (a batch pads its images to the largest one). Needs reads made with a preprocessing
+    config (``Read.resized`` set)."""
+    runs: list[list[Read]] = []
+    for r in reads:
+        if runs and runs[-1][0].resized[1].padded_hw == r.resized[1].padded_hw:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
 def io_threads() -> int:
     """Reader (or writer) threads: decoding and PNG encoding release the GIL, so they scale
     with the CPUs (a GPU job needs several to keep up with the network); 2 at least, 8 at most."""

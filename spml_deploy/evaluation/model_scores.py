@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from spml_deploy.config import PreprocessConfig
 from spml_deploy.data.dataset import Dataset, load_mask
-from spml_deploy.engine.forward import Engine
+from spml_deploy.engine.forward import Engine, same_size_runs
 from spml_deploy.engine.preprocess import upsample_to_input
 from spml_deploy.errors import DatasetError
 from spml_deploy.evaluation.metrics import ConfusionMeter
@@ -36,9 +36,7 @@ def score_model(model: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor
         if bad:
             raise DatasetError(f"cannot read {bad[0].item.path}: {bad[0].error}",
                                path=bad[0].item.path, fix="run 'spml-deploy data check --deep'")
-        # one network call per run of same-size images: the padding of a batch never changes a
-        # score, and the figures equal those of one image at a time
-        for run in _same_size_runs(group):
+        for run in same_size_runs(group):
             fw = engine.run([r.image for r in run], resized=[r.resized for r in run])
             for i, r in enumerate(run):
                 prep = fw.prepped[i]
@@ -47,14 +45,3 @@ def score_model(model: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor
                                        align_corners=False)[0]
                 meter.update(logits.argmax(0).cpu().numpy(), load_mask(r.item))
     return meter.scores(dataset.class_names).to_dict()
-
-
-def _same_size_runs(group: list) -> list[list]:
-    runs: list[list] = []
-    for r in group:
-        if runs and runs[-1][0].resized[1].padded_hw == r.resized[1].padded_hw:
-            runs[-1].append(r)
-        else:
-            runs.append([r])
-    return runs
-
