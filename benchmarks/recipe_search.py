@@ -66,10 +66,15 @@ def main() -> None:
     ap.add_argument("--supervision", default="full")
     ap.add_argument("--baseline", default="ce", help="'' for SPML")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--score-train", action="store_true",
+                    help="also score the final network on its training split (overfitting check)")
     args = ap.parse_args()
     import torch
 
-    from spml_deploy.training.train import train
+    from spml_deploy.config import RunConfig, from_dict
+    from spml_deploy.data.dataset import load_dataset
+    from spml_deploy.engine.bundle import load_bundle
+    from spml_deploy.training.train import evaluate_f0, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,8 +93,15 @@ def main() -> None:
         curve = ", ".join(f"{r['step']}: {100 * r['val_miou']:.1f}" for r in log if "val_miou" in r)
         rates = [r["it_s"] for r in log if "it_s" in r]
         s_it = 1.0 / rates[-1] if rates else float("nan")
+        train_score = ""
+        if args.score_train:
+            model = load_bundle(run).segmentation_model()
+            cfg = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
+            s = evaluate_f0(model.net, model.classifier, load_dataset(args.dataset),
+                            cfg.train.train_split, cfg, "cpu")
+            train_score = f" train {100 * s['miou']:.1f} |"
         print(f"| {name} | {args.iters} | {wall / 60:.1f} | {s_it:.3f} | {curve} | "
-              f"{load0[0]:.1f} / {os.getloadavg()[0]:.1f} |", flush=True)
+              f"{load0[0]:.1f} / {os.getloadavg()[0]:.1f} |{train_score}", flush=True)
 
 
 if __name__ == "__main__":
