@@ -236,6 +236,7 @@ def set_train_mode(net: nn.Module, mode: bool = True) -> nn.Module:
             assert all(not b.training for f in m.frozen_modules() for b in f.modules())
     return net
 
+
 def build_model(cfg: ModelConfig, pretrained: str | Path | None = None,
                 freeze: bool | None = None) -> tuple[EmbeddingNet, PixelClassifier]:
     """Embedding network and jointly trained classifier f0 for ``cfg``.

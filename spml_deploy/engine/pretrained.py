@@ -241,4 +241,3 @@ def load_pretrained_backbone(net: EmbeddingNet, path: str | Path, freeze: bool =
     if freeze:
         net.backbone.freeze_stem_and_res2(True)
     return missing
-

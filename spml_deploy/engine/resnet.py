@@ -231,4 +231,3 @@ def build_backbone(name: str, stem: str = "deep", width: int = 0) -> ResNetBackb
         raise ConfigError(f"model.width={width} only applies to the tiny backbone, not '{name}'",
                           fix="set model.width to 0")
     return ResNetBackbone(block, layers, (64, 128, 256, 512), stem, (64, 64, 128))
-

@@ -20,6 +20,7 @@ def _check_pool(emb: Tensor, own: Tensor, protos: Tensor, what: str) -> None:
     if own.numel() and (int(own.min()) < 0 or int(own.max()) >= protos.shape[0]):
         raise ValueError(f"{what}: own segment indices must lie in [0, {protos.shape[0]})")
 
+
 def _unique_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Distinct rows of a [P, T] bool matrix and the row index of each: ``([G, T], [P])``.
 
