@@ -39,7 +39,7 @@ from spml_deploy.engine.model import INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_B
 from spml_deploy.engine.pretrained import load_pretrained_backbone, resolve_stem
 from spml_deploy.training.augment import DecodedCache, fit_in_canvas, normalize
 from spml_deploy.training.schedule import LRSchedule, make_optimizer
-from spml_deploy.training.weak_labels import box_extent, normalize_in_box
+from spml_deploy.training.label_rules import box_extent, normalize_in_box
 
 log = logging.getLogger(__name__)
 
