@@ -42,7 +42,7 @@ Inputs (synthetic, VOC-like, ``points`` supervision, unlabelled pixels kept, no 
 pixel is clustered -- the heaviest case): images of normal noise; Voronoi regions (the preset's
 ``overseg_regions`` at the preset crop, scaled with the crop area: 256 at 512, 100 at 320; tiny 32
 at 128); 1-3 foreground classes per image (blobs of regions, the rest background) with matching
-tags; point annotations rasterised with ``training.weak_labels.rasterize_points`` (disk of
+tags; point annotations rasterised with ``training.label_rules.rasterize_points`` (disk of
 diameter ``point_dilation``) at ``--labelled-fraction`` (2 %) of the pixels, the rest unlabelled
 (``UNL = C``). The memory bank is filled by the warm-up steps (``memory_size`` = 2 previous steps).
 
@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from spml_deploy.training.spml_loss import spml_losses
 from spml_deploy.training.train import Trainer, _ce
-from spml_deploy.training.weak_labels import point_footprint, rasterize_points
+from spml_deploy.training.label_rules import point_footprint, rasterize_points
 from torch import Tensor
 
 from spml_deploy.config import preset

@@ -1,4 +1,4 @@
-"""The contrastive primitive (training/losses.py) and label propagation (training/affinity.py).
+"""The contrastive primitive (training/losses/) and label propagation (training/affinity.py).
 
 Golden cases (official SegSortLoss / SetSegSortLoss / nearest-neighbour propagation, float64)
 are compared with the project's ``compare.py``; a slow per-pixel reference written directly from
@@ -12,11 +12,13 @@ import torch
 
 from conftest import GOLDEN_DIR, load_golden
 from spml_deploy.errors import ConfigError
-from spml_deploy.training import losses as losses_module
 from spml_deploy.training.affinity import propagate_labels
-from spml_deploy.training.losses import (FUSED_CPU_CHUNK_ELEMENTS, FusedPlan, _unique_rows,
-                                         contrastive_nll, grouped_contrastive_nll,
+from spml_deploy.training.losses import (FusedPlan, contrastive_nll, grouped_contrastive_nll,
                                          segsort_plus_loss, set_segsort_loss)
+from spml_deploy.training.losses import fused as fused_module
+from spml_deploy.training.losses import plan as plan_module
+from spml_deploy.training.losses.plan import FUSED_CPU_CHUNK_ELEMENTS
+from spml_deploy.training.losses.segsort import _unique_rows
 
 SEGSORT_CASES = ["segsort_plus_allpos_k6", "segsort_plus_mixed_k8", "segsort_plus_mixed_k12",
                  "segsort_plus_ownonly_k16", "segsort_plus_memory_k6", "segsort_plus_large_k6",
@@ -51,7 +53,7 @@ def plan(request, monkeypatch):
     """Runs a test under each fused plan (``fused_plan`` returns it whatever the device)."""
     chosen = PLANS[request.param]
     if chosen is not None:
-        monkeypatch.setattr(losses_module, "fused_plan", lambda device, g, b: chosen)
+        monkeypatch.setattr(fused_module, "fused_plan", lambda device, g, b: chosen)
     return request.param
 
 
@@ -572,25 +574,25 @@ def test_fused_plans_by_device_and_the_bound_shift_fallback(monkeypatch):
     group ranges; a kappa whose bound would underflow exponentials falls back to the row max."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (120 << 30, 140 << 30))
-    plan = losses_module.fused_plan(cuda, 20, 1)
-    assert plan == FusedPlan(losses_module.FUSED_CUDA_CHUNK_ELEMENTS, True, True, True)
-    assert not losses_module.fused_plan(cuda, 20, 8).group_ranges       # B > 1: no ranges
+    plan = plan_module.fused_plan(cuda, 20, 1)
+    assert plan == FusedPlan(plan_module.FUSED_CUDA_CHUNK_ELEMENTS, True, True, True)
+    assert not plan_module.fused_plan(cuda, 20, 8).group_ranges       # B > 1: no ranges
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 30, 140 << 30))
-    assert losses_module.fused_plan(cuda, 20, 1).chunk_elements == 1 << 25  # a quarter, 2 x fp32
+    assert plan_module.fused_plan(cuda, 20, 1).chunk_elements == 1 << 25  # a quarter, 2 x fp32
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 28, 140 << 30))
-    assert losses_module.fused_plan(cuda, 20, 1).chunk_elements == losses_module.MAX_CHUNK_ELEMENTS
-    cpu = losses_module.fused_plan(torch.device("cpu"), 20, 1)
+    assert plan_module.fused_plan(cuda, 20, 1).chunk_elements == plan_module.MAX_CHUNK_ELEMENTS
+    cpu = plan_module.fused_plan(torch.device("cpu"), 20, 1)
     assert cpu.chunk_elements == FUSED_CPU_CHUNK_ELEMENTS and not cpu.group_matmul
     # kappa 50 on unit vectors: the bound (50) exceeds BOUND_SHIFT_MAX, the row max is used
-    monkeypatch.setattr(losses_module, "fused_plan", lambda device, g, b: PLANS["cuda"])
+    monkeypatch.setattr(fused_module, "fused_plan", lambda device, g, b: PLANS["cuda"])
     seen = []
-    real = losses_module._Problem.__init__
+    real = fused_module._Problem.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
         seen.append(self.bound is not None)
 
-    monkeypatch.setattr(losses_module._Problem, "__init__", spy)
+    monkeypatch.setattr(fused_module._Problem, "__init__", spy)
     emb, tags, own, protos, proto_tags = _random_set_mixed(6)
     for kappa in (12.0, 50.0):
         out = {impl: _values_and_grads(

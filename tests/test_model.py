@@ -17,15 +17,14 @@ from spml_deploy.engine.model import (
     FPNHead,
     PixelClassifier,
     SegmentationModel,
-    build_backbone,
     build_model,
     count_flops,
-    load_pretrained_backbone,
     param_groups,
-    read_pretrained,
     set_train_mode,
     unit_normalize,
 )
+from spml_deploy.engine.pretrained import load_pretrained_backbone, read_pretrained
+from spml_deploy.engine.resnet import build_backbone
 
 
 def _cfg(name: str = "tiny", **kw) -> ModelConfig:

@@ -16,7 +16,8 @@ import torch
 from spml_deploy.engine import pretrained
 from spml_deploy.config import MODEL_PRESETS, ModelConfig
 from spml_deploy.errors import ConfigError
-from spml_deploy.engine.model import build_backbone, build_model
+from spml_deploy.engine.model import build_model
+from spml_deploy.engine.resnet import build_backbone
 
 PARTS = ("conv1.", "bn1.", "layer1.")
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from spml_deploy.data import strokes as S
 from spml_deploy.data import weaken as W
 from spml_deploy.errors import ConfigError, DatasetError
 
@@ -83,8 +84,8 @@ def test_bbox_matches_numpy_oracle():
         m = rng.random((rng.integers(1, 40), rng.integers(1, 40))) < rng.uniform(0, 0.05)
         ys, xs = np.nonzero(m)
         want = None if len(ys) == 0 else (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
-        assert W._bbox(m) == want
-        assert W._bbox(m.astype(np.uint8) * 7) == want
+        assert S._bbox(m) == want
+        assert S._bbox(m.astype(np.uint8) * 7) == want
 
 
 def test_points_central_and_inside():
@@ -137,10 +138,10 @@ def test_scribble_deterministic_per_rng_and_degenerate_regions():
     rng = np.random.default_rng(0)
     one = np.zeros((10, 10), bool)
     one[4, 4] = True
-    assert W.stroke(one, rng) is None                     # a single pixel holds no stroke
+    assert S.stroke(one, rng) is None                     # a single pixel holds no stroke
     line = np.zeros((20, 30), bool)
     line[7, 3:27] = True                                  # one pixel thin
-    s = np.array(W.stroke(line, rng))
+    s = np.array(S.stroke(line, rng))
     assert line[dense_samples(s)[:, 1], dense_samples(s)[:, 0]].all()
     assert polyline_length(s) >= 12
 
@@ -163,7 +164,7 @@ def test_stroke_inside_random_regions():
                 cv2.line(m, (x, y), tuple(int(v) for v in rng.integers(0, size, 2)), 1,
                          int(rng.integers(1, 4)))
         region = m > 0
-        s = W.stroke(region, rng)
+        s = S.stroke(region, rng)
         if s is None:
             assert region.sum() < 2 or not W.instances_from_semantic(m, min_area=2)
             continue
@@ -175,7 +176,7 @@ def test_stroke_inside_random_regions():
 
 def test_densify_is_8_connected():
     path = np.array([[0, 0], [5, 2], [5, 9], [1, 1]])
-    d = W._densify(path)
+    d = S._densify(path)
     assert (d[0] == path[0]).all() and (d[-1] == path[-1]).all()
     assert (np.abs(np.diff(d, axis=0)).max(axis=1) == 1).all()
 
@@ -187,13 +188,13 @@ def test_segments_ok_matches_slow_oracle():
     cv2.circle(region.view(np.uint8), (20, 20), 6, 0, -1)
     for _ in range(200):
         xy = rng.integers(0, 40, (4, 2))
-        fast = W._segments_ok(xy, region)
+        fast = S._segments_ok(xy, region)
         slow = []
         for p, q in zip(xy[:-1], xy[1:]):
             smp = dense_samples(np.stack([p, q]))
             slow.append(all(region[y, x] for x, y in smp))
         assert fast.tolist() == slow
-    assert sum(W._segments_ok(rng.integers(0, 40, (200, 2)), region)) > 0   # both outcomes
+    assert sum(S._segments_ok(rng.integers(0, 40, (200, 2)), region)) > 0   # both outcomes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from spml_deploy.artifacts import atomic_torch_save
 from spml_deploy.config import ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from spml_deploy.errors import ConfigError, ManifestError, TrainingError
-from spml_deploy.engine.model import (INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_BN_MOMENTUM, EmbeddingNet,
-                               load_pretrained_backbone, resolve_stem)
+from spml_deploy.engine.model import INPUT_MULTIPLE, SCRATCH_BN_MOMENTUM, SPEC_BN_MOMENTUM, EmbeddingNet
+from spml_deploy.engine.pretrained import load_pretrained_backbone, resolve_stem
 from spml_deploy.training.augment import DecodedCache, fit_in_canvas, normalize
 from spml_deploy.training.schedule import LRSchedule, make_optimizer
-from spml_deploy.training.weak_labels import box_extent, normalize_in_box
+from spml_deploy.training.label_rules import box_extent, normalize_in_box
 
 log = logging.getLogger(__name__)
 
