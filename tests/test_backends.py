@@ -256,7 +256,7 @@ def test_cli_segment_torch_options_reach_the_backend(run, tmp_path, monkeypatch,
     import numpy as np
     from PIL import Image
 
-    from spml_deploy.engine import backends as backends_mod
+    from spml_deploy.engine.backends import torch_backend as backends_mod
     from spml_deploy.cli import main
 
     rng = np.random.default_rng(0)
@@ -296,3 +296,21 @@ def test_cli_precision_choices_match_the_backend():
     from spml_deploy.cli import PRECISIONS
 
     assert PRECISIONS == CLI_PRECISIONS
+
+
+def test_backends_package_reexports_what_its_modules_define():
+    """``spml_deploy.engine.backends`` names the objects of its modules (one definition each)."""
+    import importlib
+
+    import spml_deploy.engine.backends as pkg
+
+    modules = [importlib.import_module(f"spml_deploy.engine.backends.{m}")
+               for m in ("base", "torch_backend", "onnxruntime_backend", "tensorrt_backend")]
+    for name in pkg.__all__:
+        if name == "load_backend":
+            continue
+        owners = [m for m in modules if name in vars(m) and getattr(m, name) is getattr(pkg, name)]
+        assert owners, f"{name} is not one of the backend modules' names"
+    assert pkg.load_backend.__module__ == pkg.__name__
+    assert {TorchBackend.__module__, TensorRTBackend.__module__} == {
+        "spml_deploy.engine.backends.torch_backend", "spml_deploy.engine.backends.tensorrt_backend"}

@@ -9,7 +9,7 @@ which has no weak labels to complete, keeps its own classifier. Every run then s
 validation images through the same segment job, and the demo prints, for every run, the score
 of the classifier trained with the embedding (f0) and of the finished run.
 
-This module belongs to the command-line layer (like ``cli.py``): it composes the stages and
+This module belongs to the command-line layer (like the command modules): it composes the stages and
 imports them inside :func:`run_demo` only.
 """
 from __future__ import annotations
