@@ -10,11 +10,12 @@ stride-4 cell covers the original pixels whose centre falls into it after the pr
 resize, so a segment may cover no original pixel at all (images upscaled to ``max_side``); such
 segments are not indexed.
 
-An index folder holds ``segments.sqlite`` (:mod:`spml_deploy.serving.store`: images, segments
-with their vectors, meta) and ``prototypes.npz`` (the FAISS index, ids = store ids). Writes
-go store first (one transaction per batch of images), FAISS file last (atomically), so the
-FAISS index may lag behind the store after a crash but never holds an id the store lacks; every
-open completes it from the stored vectors (:func:`sync_index`).
+An index folder holds ``segments.sqlite`` (:mod:`spml_deploy.serving.store`: images, segments,
+meta; no vectors) and ``prototypes.npz`` (the prototype index: the segments' vectors, ids = store
+ids, labels = their classes). Each batch of images goes to a durable pending file (its vectors),
+then to the store (one transaction); the index file is written last (atomically), so it may lag
+behind the store after a crash but never holds an id the store lacks; every open completes it
+from the pending files (:mod:`spml_deploy.serving.vectors`).
 
 ``query`` finds the segments most similar to a point (the query image's segment under it), a box
 or a mask (the normalised pooled embedding of the cells they cover, each cell weighted by the
@@ -58,13 +59,12 @@ from spml_deploy.serving.segment import discover, read_items
 from spml_deploy.serving.store import (MASK_ENCODING, STORE_FILE, STORE_SCHEMA_VERSION,
                                        ImageRecord, SegmentRow, SegmentStore, StoreError,
                                        content_hash, rle_encode)
+from spml_deploy.serving.vectors import (INDEX_TYPES, add_batch, exclusive, prepare_write,
+                                         sync_index)
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "prototypes.npz"
-LOCK_FILE = ".lock"
 FAILED_FILE = "failed.txt"
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 STRIDE = 4
 
 
@@ -211,96 +211,6 @@ def segment_images(backend, pp: PreprocessConfig, images: Sequence[np.ndarray],
 
 
 # --------------------------------------------------------------------------------------------
-# the FAISS side
-
-
-def _index_api():
-    from spml_deploy.engine import index as index_module
-
-    return index_module
-
-
-def new_index(dim: int, index_type: str, options: dict[str, Any] | None = None):
-    """An empty index of ``index_type`` (inner product on unit vectors, with ids): a FAISS
-    ``PrototypeIndex`` (on the GPU when faiss-gpu sees one), or the exact brute-force
-    ``ExactIndex`` when FAISS is not installed; with ``options["shards"]`` > 1 a
-    ``ShardedIndex`` of such indexes (on several GPUs when faiss-gpu sees them)."""
-    if index_type not in INDEX_TYPES:
-        raise ConfigError(f"unknown index type '{index_type}'",
-                          fix=f"choose one of {', '.join(INDEX_TYPES)}")
-    api = _index_api()
-    opts = dict(options or {})
-    opts.setdefault("use_gpu", api.gpu_available())
-    shards = int(opts.pop("shards", 1))
-    if shards > 1:
-        return api.ShardedIndex(dim, shards, index_type, **opts)
-    return api.make_index(dim, index_type, **opts)
-
-
-def _load_index(path: Path):
-    api = _index_api()
-    return api.load_index(path, use_gpu=api.gpu_available())
-
-
-FILL_CHUNK = 1 << 18      # segments read from the store and added to the index at a time
-TRAIN_SAMPLE = 1 << 20    # most vectors a new ivf/ivfpq structure is trained on
-
-
-def _fill(index, store: SegmentStore, start: int, stop: int, dim: int) -> None:
-    """Add the store's segments ``start <= id < stop`` to ``index``, ``FILL_CHUNK`` at a time
-    (memory stays bounded for any collection). A new index is first trained once, on an even
-    sample of at most ``TRAIN_SAMPLE`` of them (every shard of a sharded index gets that
-    structure)."""
-    if not index.is_trained:
-        step = max(1, -(-(stop - start) // TRAIN_SAMPLE))
-        sample = [store.vectors(a, min(stop, a + FILL_CHUNK), dim)[1][(start - a) % step::step]
-                  for a in range(start, stop, FILL_CHUNK)]
-        index.train(np.concatenate(sample), n_total=stop - start)
-    for a in range(start, stop, FILL_CHUNK):
-        ids, vecs = store.vectors(a, min(stop, a + FILL_CHUNK), dim)
-        index.add(vecs, ids)
-
-
-def sync_index(index_dir: Path, store: SegmentStore, save: bool = True, warn_lag: bool = True):
-    """Open the FAISS index and make it hold exactly the store's segments.
-
-    Writes go store first, so the index normally holds ids ``0 .. ntotal-1`` of the store's
-    ``0 .. n-1``; rows ``>= ntotal`` (an ``add`` interrupted between its commit and the index
-    write) are added from the stored vectors. A missing index file, or one whose ids are not
-    such a prefix (which this write order never produces: a file replaced by hand, a store
-    restored from a backup), is rebuilt from all stored vectors (ivf/ivfpq are trained on them).
-    ``save``: write the completed index back (atomically). ``warn_lag``: log a lagging index
-    (an interrupted add; ``add`` itself completes the index this way). Returns the index.
-    """
-    meta = store.meta()
-    n = store.count()
-    path = Path(index_dir) / INDEX_FILE
-    dim = int(meta["embed_dim"])
-    index, have = None, 0
-    if path.is_file():
-        index = _load_index(path)
-        have = int(index.ntotal)
-        if have > n or not np.array_equal(index.ids, np.arange(have)):
-            log.warning("index %s does not match its store (%d prototypes, store %d segments): "
-                        "rebuilding it from the stored vectors", path, have, n)
-            index, have = None, 0
-        elif have < n and warn_lag:
-            log.warning("index %s lags its store by %d segments (interrupted add): completing it "
-                        "from the stored vectors", path, n - have)
-    if index is None:
-        index = new_index(dim, meta["index_type"], meta.get("index_options"))
-    if have < n:
-        _fill(index, store, have, n, dim)
-        if save:
-            try:
-                index.save(path)           # atomic: temporary file + os.replace
-            except OSError as exc:
-                log.warning("cannot write the completed index to %s (%s); using it in memory",
-                            path, exc)
-    return index
-
-
-# --------------------------------------------------------------------------------------------
 # building and extending
 
 
@@ -333,26 +243,6 @@ class IndexReport:
                 "skipped_images": self.skipped_images, "failed": [list(f) for f in self.failed],
                 "total_images": self.total_images, "total_segments": self.total_segments,
                 "seconds": self.seconds, "index_dir": self.index_dir}
-
-
-@contextlib.contextmanager
-def _exclusive(index_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the index folder (one writer at a time)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(index_dir / LOCK_FILE, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise SpmlError("another process is writing this index", path=index_dir,
-                            fix="wait for the other 'index build/add' to finish") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def open_model(model_path: str | Path | Bundle, verify: bool = True) -> Bundle:
@@ -404,7 +294,7 @@ def build_index(model_path: str | Path | Bundle, images_source: str | Path, out_
     items = _discover(images_source)          # before anything is written
     root = images_root(images_source, items)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    with exclusive(out):
         store = SegmentStore(out / STORE_FILE, create=True)
         try:
             store.set_meta({
@@ -423,6 +313,7 @@ def build_index(model_path: str | Path | Bundle, images_source: str | Path, out_
                 "mask_encoding": MASK_ENCODING,
                 "images_root": str(root),
             })
+            prepare_write(out, store)          # leftovers of a deleted store: not its batches
             if segmenter is not None:
                 return _ingest(out, store, segmenter, items, progress)
             with _backend(bundle, backend, device, **backend_options) as be:
@@ -449,7 +340,8 @@ def add_to_index(index_dir: str | Path, images_source: str | Path,
         folder, manifest = bundle.folder, bundle.manifest
         check_model(meta, manifest, folder)
         items = _discover(images_source)
-        with _exclusive(index_dir):
+        with exclusive(index_dir):
+            prepare_write(index_dir, store)
             if segmenter is not None:
                 return _ingest(index_dir, store, segmenter, items, progress)
             with _backend(bundle, backend, device, **backend_options) as be:
@@ -574,9 +466,10 @@ def local_segmenter(be, manifest: Manifest, batch: int):
 
 def _ingest(index_dir: Path, store: SegmentStore, segmenter, items: list,
             progress: bool) -> IndexReport:
-    """Segment the new images of ``items`` into ``store`` (one transaction per batch) with
-    ``segmenter`` (:func:`local_segmenter`, or the Ray one), then bring the FAISS index up to
-    date (written once, at the end)."""
+    """Segment the new images of ``items`` into ``store`` (one pending file and one transaction
+    per batch, :func:`~spml_deploy.serving.vectors.add_batch`) with ``segmenter``
+    (:func:`local_segmenter`, or the Ray one), then bring the index file up to date (written
+    once, at the end). The caller holds the folder's lock."""
     settings = IngestSettings.of(store.meta())
     t0 = time.perf_counter()
     report = IndexReport(index_dir=str(index_dir))
@@ -595,7 +488,7 @@ def _ingest(index_dir: Path, store: SegmentStore, segmenter, items: list,
             for records, failed, handled in segmenter(todo, settings):
                 report.failed += failed
                 if records:
-                    ids = store.add_images(records)
+                    ids = add_batch(index_dir, store, records)
                     report.added_images += len(records)
                     report.added_segments += int(ids.size)
                 bar.update(handled)
@@ -604,7 +497,7 @@ def _ingest(index_dir: Path, store: SegmentStore, segmenter, items: list,
         if report.failed:
             with open(index_dir / FAILED_FILE, "a") as f:
                 f.write("".join(f"{p}\t{why}\n" for p, why in report.failed))
-        # also after an interruption: the committed batches get into the FAISS index
+        # also after an interruption: the committed batches get into the index file
         if store.count() > 0:
             sync_index(index_dir, store, save=True, warn_lag=False)
     report.total_images = store.num_images()
@@ -754,7 +647,7 @@ def query_region(seg: SegmentedImage, point: Any = None, box: Any = None,
 
 
 class Retriever:
-    """An opened index (store + FAISS) and its model, for repeated queries.
+    """An opened index (store + prototype index) and its model, for repeated queries.
 
     Thread-safe for concurrent queries when the backend is (the HTTP service serialises the
     network calls with a lock).
@@ -778,7 +671,8 @@ class Retriever:
                 folder = model.folder if isinstance(model, Bundle) else model_folder(model)
                 self.manifest = backend_obj.manifest
             check_model(self.meta, self.manifest, folder)
-            self.index = sync_index(self.index_dir, self.store, save=True)
+            with exclusive(self.index_dir, required=False) as writer:   # no add running
+                self.index = sync_index(self.index_dir, self.store, save=writer)
             if backend_obj is None:
                 backend_obj = load_backend(bundle, kind=backend, device=device, **backend_options)
             self.backend = backend_obj

@@ -30,6 +30,7 @@ from spml_deploy.engine.forward import Engine
 from spml_deploy.data.imageio import read_image, read_label_png
 from spml_deploy.engine.preprocess import preprocess
 from spml_deploy.serving import retrieval as R
+from spml_deploy.serving import vectors as V
 from spml_deploy.serving.store import (ImageRecord, SegmentStore, StoreError, rle_decode,
                                        rle_encode)
 from spml_deploy.data.synth import SCENE_CLASSES, synthesize
@@ -152,6 +153,13 @@ def test_segments_match_slow_reference(run, scenes):
 # FAISS index against brute force
 
 
+def index_vectors(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N], vectors [N, D]) held by ``index``, by increasing id (the store keeps none)."""
+    ids = np.asarray(index.ids)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], index.vectors()[order]
+
+
 def _exact_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     s = (q.astype(np.float64) @ vectors.astype(np.float64).T)
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -232,8 +240,8 @@ def test_flat_index_equals_brute_force(index6):
     from spml_deploy.engine.index import ExactIndex
 
     with SegmentStore(index6 / "segments.sqlite") as st:
-        ids, vecs = st.vectors()
         index = R.sync_index(index6, st, save=False)
+    ids, vecs = index_vectors(index)
     assert np.array_equal(ids, np.arange(len(ids))) and index.ntotal == len(ids)
     q = _queries(vecs, 40, 0.05, 1)
     scores, got = index.search(q, 10)
@@ -256,10 +264,10 @@ def test_gpu_index_matches_cpu(index6, tmp_path):
     if not gpu_available():
         pytest.skip("faiss-gpu with a visible GPU is not installed here")
     with SegmentStore(index6 / "segments.sqlite") as st:
-        ids, vecs = st.vectors()
         gpu = R.sync_index(index6, st, save=False)
+    ids, vecs = index_vectors(gpu)
     assert gpu.on_gpu
-    cpu = R._index_api().PrototypeIndex(vecs.shape[1], "flat", use_gpu=False)
+    cpu = V._index_api().PrototypeIndex(vecs.shape[1], "flat", use_gpu=False)
     cpu.add(vecs, ids)
     q = _queries(vecs, 40, 0.05, 3)
     (gs, gi), (cs, ci) = gpu.search(q, 10), cpu.search(q, 10)
@@ -269,15 +277,16 @@ def test_gpu_index_matches_cpu(index6, tmp_path):
 @pytest.mark.parametrize("index_type,options,min_recall", [
     ("ivf", {}, 0.9), ("hnsw", {}, 0.95), ("ivfpq", {"rerank": 8}, 0.8)])
 def test_approximate_index_recall(index6, tmp_path, index_type, options, min_recall):
-    """Rebuild the index of another type from the stored vectors; recall@10 vs exact."""
-    d = tmp_path / "idx"
-    shutil.copytree(index6, d)
-    (d / R.INDEX_FILE).unlink()
-    with SegmentStore(d / "segments.sqlite") as st:
-        st.set_meta({"index_type": index_type, "index_options": options})
-        index = R.sync_index(d, st)
-        ids, vecs = st.vectors()
-    assert (d / R.INDEX_FILE).is_file() and index.ntotal == len(ids)
+    """Build the index of another type from the flat index's vectors (as ``sync_index`` fills
+    one, trained on them); recall@10 vs exact."""
+    with SegmentStore(index6 / "segments.sqlite") as st:
+        ids, vecs = index_vectors(R.sync_index(index6, st, save=False))
+        labels = st.class_ids(0, len(ids))
+    index = V.new_index(vecs.shape[1], index_type, options)
+    V.fill_index(index, lambda a, b: (vecs[a:b], labels[a:b]), 0, len(ids))
+    index.save(tmp_path / "approx.npz")
+    index = V.load_index_file(tmp_path / "approx.npz")
+    assert index.ntotal == len(ids) and np.array_equal(index.labels[np.argsort(index.ids)], labels)
     q = _queries(vecs, 60, 0.1, 2)
     _, got = index.search(q, 10)
     _, ref = _exact_topk(vecs, q, 10)
@@ -296,7 +305,7 @@ def test_interrupted_add_is_completed_on_open(index6, scenes, tmp_path, monkeypa
     more.mkdir()
     for p in sorted((scenes / "images").glob("train_*.png"))[6:9]:
         shutil.copy(p, more / p.name)
-    n0 = R._load_index(d / R.INDEX_FILE).ntotal
+    n0 = V.load_index_file(d / V.INDEX_FILE).ntotal
 
     def crash(*a, **k):       # killed after the store commit, before the index write
         raise KeyboardInterrupt("simulated kill")
@@ -308,14 +317,15 @@ def test_interrupted_add_is_completed_on_open(index6, scenes, tmp_path, monkeypa
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
         assert st.num_images() == 9
-    assert n > n0 == R._load_index(d / R.INDEX_FILE).ntotal       # the index lags the store
+    assert n > n0 == V.load_index_file(d / V.INDEX_FILE).ntotal       # the index lags the store
     with R.Retriever(d) as r:                                       # open -> completed
         assert len(r) == n
         assert np.array_equal(r.index.ids, np.arange(n))
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         _, top = r.index.search(vecs, 1)
         assert np.array_equal(top[:, 0], ids) or np.mean(top[:, 0] == ids) > 0.99
-    assert R._load_index(d / R.INDEX_FILE).ntotal == n             # and written back
+    assert V.load_index_file(d / V.INDEX_FILE).ntotal == n             # and written back
+    assert V.pending_batches(d) == []                                # merged pending files gone
     rep = R.add_to_index(d, more, progress=False)                   # rerun: nothing twice
     assert (rep.added_images, rep.skipped_images, rep.total_segments) == (0, 3, n)
 
@@ -336,18 +346,19 @@ def test_failed_transaction_leaves_store_unchanged(index6, tmp_path):
 
 
 def test_index_file_ahead_of_store_is_rebuilt(index6, tmp_path):
-    """A FAISS file with ids the store lacks (never written by this code: a file copied by
-    hand) is rebuilt from the store's vectors instead of returning orphan ids."""
+    """An index file with ids the store lacks (never written by this code: a file copied by
+    hand) is rebuilt from its vectors of the store's ids instead of returning orphan ids."""
     d = tmp_path / "idx"
     shutil.copytree(index6, d)
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
-        ids, vecs = st.vectors()
-        bigger = R.new_index(vecs.shape[1], "flat")
+        ids, vecs = index_vectors(V.load_index_file(d / V.INDEX_FILE))
+        bigger = V.new_index(vecs.shape[1], "flat")
         bigger.add(np.concatenate([vecs, vecs[:5]]), np.arange(n + 5))
-        bigger.save(d / R.INDEX_FILE)
+        bigger.save(d / V.INDEX_FILE)
         index = R.sync_index(d, st)
     assert index.ntotal == n and np.array_equal(index.ids, np.arange(n))
+    assert np.array_equal(index_vectors(index)[1], vecs)
 
 
 def test_model_mismatch_is_refused(index6, tmp_path):
@@ -419,7 +430,7 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
         assert hm[0].segment_id == hits[0].segment_id
 
         # class filter: the filtered exact ranking
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         cls = np.array([row.class_id for row in r.store.segments(ids)])
         target = int(np.bincount(cls).argmax())
         hc, _ = r.query(image, point=(px, py), k=7, class_name=r.classes[target],
@@ -706,7 +717,7 @@ def test_query_image_in_the_index_is_left_out(index6, scenes, tmp_path):
         hits, desc = r.query(copy, point=(px, py), k=8)
         assert desc["in_index"] is True and desc["excluded_images"] == 1
         assert all(h.image_rel != src.name for h in hits) and len(hits) == 8
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         rows = r.store.segments(ids)
         other = np.array([row.image_rel != src.name for row in rows])
         ref_scores, ref_ids = _exact_topk(vecs[other], seg.vectors[s][None], 8)
@@ -749,7 +760,7 @@ def test_index_from_before_content_hashes_still_works(index6, scenes, tmp_path):
         assert desc["in_index"] is True and desc["excluded_images"] == 1
         _, desc = r.query(indexed, point=(5, 5), k=3)
         assert desc["in_index"] is None          # old images still have no hash
-        rels = {row.image_rel for row in r.store.segments(r.store.vectors()[0])}
+        rels = {row.image_rel for row in r.store.segments(range(r.store.count()))}
     assert "n.png" in rels                       # no images_root: named relative to IMAGES
 
 
