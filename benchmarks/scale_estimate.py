@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from runs import make_run  # noqa: E402
 from spml_deploy.engine.index import PrototypeIndex, load_index  # noqa: E402
-from spml_deploy.serving.retrieval import build_index  # noqa: E402
+from spml_deploy.serving.ingest import build_index  # noqa: E402
 from spml_deploy.serving.store import ImageRecord, SegmentStore  # noqa: E402
 from spml_deploy.serving.vectors import INDEX_FILE, add_batch  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
@@ -174,7 +174,7 @@ def main() -> None:
              "| | value |", "|---|---:|",
              f"| prototypes | {n_protos:,.0f} |",
              f"| SQLite store (metadata, masks) | {gib(n_protos * store_per_seg)} |",
-             f"| index files on disk (flat / ivf / ivfpq) | "
+             "| index files on disk (flat / ivf / ivfpq) | "
              + " / ".join(gib(n_protos * disk) for _, disk in sizes.values()) + " |"]
     for k, v in per_proto.items():
         total = n_protos * v

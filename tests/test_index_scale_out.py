@@ -13,6 +13,8 @@ import pytest
 from spml_deploy.cli import main
 from spml_deploy.engine.index import ShardedIndex, load_index
 from spml_deploy.serving import retrieval as R
+from spml_deploy.serving import ingest as IN
+from spml_deploy.serving.store import SegmentStore
 from spml_deploy.serving import vectors as V
 from spml_deploy.data.synth import synthesize
 from test_retrieval import small_run
@@ -104,8 +106,8 @@ def test_index_filled_in_chunks_and_trained_on_a_sample(setup, monkeypatch):
     root, run, src = setup
     one = root / "one"
     if not (one / "segments.sqlite").exists():
-        R.build_index(run, src, one, progress=False)
-    store = R.SegmentStore(one / "segments.sqlite")
+        IN.build_index(run, src, one, progress=False)
+    store = SegmentStore(one / "segments.sqlite")
     try:
         n, dim = store.count(), int(store.meta()["embed_dim"])
         built = load_index(one / "prototypes.npz")

@@ -17,6 +17,7 @@ from test_retrieval import index_vectors, small_run
 
 from spml_deploy.data.synth import synthesize
 from spml_deploy.serving import retrieval as R
+from spml_deploy.serving import ingest as IN
 from spml_deploy.serving import vectors as V
 from spml_deploy.serving.store import STORE_SCHEMA_VERSION, SegmentStore, StoreError
 
@@ -37,7 +38,7 @@ def setup(tmp_path_factory):
         shutil.copy(p, more / p.name)
     run = small_run(root / "run")
     clean = root / "clean"
-    R.build_index(run, src, clean, batch=2, progress=False)
+    IN.build_index(run, src, clean, batch=2, progress=False)
     return root, run, src, more, clean
 
 
@@ -99,7 +100,7 @@ def test_schema1_folder_answers_the_same_and_is_migrated_by_add(setup, tmp_path,
         assert _hits(old, query_image) == expected           # lag read from the column
     assert sum("old layout" in r.getMessage() for r in caplog.records) == 1
     assert "vector" in _columns(old, "segments")             # a reader does not migrate
-    rep = R.add_to_index(old, src, progress=False)           # nothing new: only the migration
+    rep = IN.add_to_index(old, src, progress=False)           # nothing new: only the migration
     assert (rep.added_images, rep.skipped_images) == (0, 6)
     assert "vector" not in _columns(old, "segments")
     with SegmentStore(old / "segments.sqlite") as st:
@@ -131,16 +132,16 @@ def test_killed_build_resumes_complete(setup, tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed before the index write")
 
     monkeypatch.setattr(V, "write_pending", write_then_die)
-    monkeypatch.setattr(R, "sync_index", killed)
+    monkeypatch.setattr(IN, "sync_index", killed)
     with pytest.raises(KeyboardInterrupt):
-        R.build_index(run, src, d, batch=2, progress=False)
+        IN.build_index(run, src, d, batch=2, progress=False)
     monkeypatch.undo()
     assert not (d / V.INDEX_FILE).exists() and len(V.pending_batches(d)) == 3
     with SegmentStore(d / "segments.sqlite") as st:
         committed = st.count()
         assert st.num_images() == 4
     assert V.pending_batches(d)[-1][0] == committed          # the orphan: never committed
-    rep = R.add_to_index(d, src, progress=False)
+    rep = IN.add_to_index(d, src, progress=False)
     assert (rep.added_images, rep.skipped_images) == (2, 4)
     assert V.pending_batches(d) == []
     assert _rows(d) == _rows(clean)
@@ -155,8 +156,8 @@ def test_reader_completes_from_pending_without_writing_while_an_add_runs(setup, 
     d = tmp_path / "idx"
     shutil.copytree(clean, d)
     n0 = V.load_index_file(d / V.INDEX_FILE).ntotal
-    monkeypatch.setattr(R, "sync_index", lambda *a, **k: None)     # the add stops before merging
-    R.add_to_index(d, more, progress=False)
+    monkeypatch.setattr(IN, "sync_index", lambda *a, **k: None)     # the add stops before merging
+    IN.add_to_index(d, more, progress=False)
     monkeypatch.undo()
     assert V.pending_batches(d)
     with V.exclusive(d):                                     # an 'index add' is running
@@ -171,8 +172,8 @@ def test_segments_without_vectors_are_named_and_resegmented_by_add(setup, tmp_pa
     _, _, _, more, clean = setup
     d = tmp_path / "idx"
     shutil.copytree(clean, d)
-    monkeypatch.setattr(R, "sync_index", lambda *a, **k: None)
-    R.add_to_index(d, more, progress=False)
+    monkeypatch.setattr(IN, "sync_index", lambda *a, **k: None)
+    IN.add_to_index(d, more, progress=False)
     monkeypatch.undo()
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
@@ -180,7 +181,7 @@ def test_segments_without_vectors_are_named_and_resegmented_by_add(setup, tmp_pa
     with pytest.raises(StoreError, match="have no vector") as exc:
         R.Retriever(d)
     assert "index add" in exc.value.fix
-    rep = R.add_to_index(d, more, progress=False)            # segments them again
+    rep = IN.add_to_index(d, more, progress=False)            # segments them again
     assert (rep.added_images, rep.total_segments) == (3, n)
     with R.Retriever(d) as r:
         assert len(r) == n and np.array_equal(r.index.ids, np.arange(n))
@@ -191,9 +192,9 @@ def test_sharded_index_killed_mid_save_is_rebuilt_from_its_shards(setup, tmp_pat
     index does not load, and is rebuilt from its shard files and the pending batches."""
     _, run, src, more, _ = setup
     d = tmp_path / "sharded"
-    R.build_index(run, src, d, batch=3, progress=False, index_options={"shards": 2})
-    monkeypatch.setattr(R, "sync_index", lambda *a, **k: None)
-    R.add_to_index(d, more, progress=False)
+    IN.build_index(run, src, d, batch=3, progress=False, index_options={"shards": 2})
+    monkeypatch.setattr(IN, "sync_index", lambda *a, **k: None)
+    IN.add_to_index(d, more, progress=False)
     monkeypatch.undo()
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
