@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from runs import make_run  # noqa: E402
 
 from spml_deploy.artifacts import read_manifest, write_manifest  # noqa: E402
-from spml_deploy.serving.retrieval import build_index  # noqa: E402
+from spml_deploy.serving.ingest import build_index  # noqa: E402
 from spml_deploy.data.synth import SCENE_CLASSES, synthesize  # noqa: E402
 from spml_deploy.sysinfo import cpu_name  # noqa: E402
 

@@ -72,6 +72,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spml_deploy.serving import retrieval as R
+    from spml_deploy.serving import ingest as IN
     from spml_deploy.serving.retrieval_quality import point_query_precision
 
     names = [c["name"] for c in json.loads((args.dataset / "annotations.json").read_text())
@@ -87,7 +88,7 @@ def main() -> None:
         for run in args.runs:
             t0 = time.perf_counter()
             idx = tmp / f"idx-{run.name}"
-            R.build_index(run, tmp / "images", idx, progress=False, flip=args.flip)
+            IN.build_index(run, tmp / "images", idx, progress=False, flip=args.flip)
             with R.Retriever(idx) as r:
                 rep = point_query_precision(r, args.dataset, args.k, num_classes=len(names))
             info = describe_run(run)

@@ -3,7 +3,8 @@
 Measures here, on small data:
 
 * the index build per image (the code behind ``index build``: embedding, k-means segments,
-  store records): seconds per image, segments per image, bytes of the SQLite store per segment;
+  store records): seconds per image, segments per image, bytes of the SQLite store (metadata
+  and masks; the vectors live in the index files) per segment;
 * FAISS bytes per prototype for ``flat``, ``ivf`` and ``ivfpq`` (serialised index + the int64
   ids kept beside it) and the ivfpq search time per query, on ``--n-protos`` clustered unit
   vectors of dimension ``--dim``;
@@ -36,9 +37,10 @@ import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from runs import make_run  # noqa: E402
-from spml_deploy.engine.index import PrototypeIndex  # noqa: E402
-from spml_deploy.serving.retrieval import build_index  # noqa: E402
+from spml_deploy.engine.index import PrototypeIndex, load_index  # noqa: E402
+from spml_deploy.serving.ingest import build_index  # noqa: E402
 from spml_deploy.serving.store import ImageRecord, SegmentStore  # noqa: E402
+from spml_deploy.serving.vectors import INDEX_FILE, add_batch  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
@@ -49,37 +51,46 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def index_bytes(kind: str, x: np.ndarray) -> float:
+def index_bytes(kind: str, x: np.ndarray, folder: Path) -> tuple[float, float]:
+    """(bytes per prototype in memory: the FAISS structure, ids and labels; on disk: the index
+    file, which also keeps the exact vectors)."""
     index = PrototypeIndex(x.shape[1], kind)
     index.add(x)
     raw = faiss.serialize_index(index._index)
-    return (raw.nbytes + index.ids.nbytes) / len(x)
+    index.save(folder / f"{kind}.npz")
+    disk = (folder / f"{kind}.npz").stat().st_size
+    return (raw.nbytes + index.ids.nbytes + index.labels.nbytes) / len(x), disk / len(x)
 
 
 def store_inserts_per_s(built: Path, folder: Path, n: int = 256, batch: int = 16) -> float:
-    """Images/s that the SQLite store takes in (one transaction per batch, as the build does),
-    with records copied from one image of the built store ``built``."""
+    """Images/s that the store takes in (per batch one pending vector file and one SQLite
+    transaction, as the build does), with records copied from one image of the built index
+    folder ``built``."""
+    import json
     import sqlite3
 
-    with sqlite3.connect(built) as db:
-        rows = db.execute("SELECT x, y, w, h, area, class_id, mask_rle, vector FROM segments "
-                          "WHERE image_id = (SELECT MIN(image_id) FROM segments)").fetchall()
+    with sqlite3.connect(built / "segments.sqlite") as db:
+        rows = db.execute("SELECT id, x, y, w, h, area, class_id, mask_rle FROM segments "
+                          "WHERE image_id = (SELECT MIN(image_id) FROM segments) "
+                          "ORDER BY id").fetchall()
         meta = dict(db.execute("SELECT key, value FROM meta"))
-    boxes = np.array([r[:4] for r in rows], np.int64)
-    areas = np.array([r[4] for r in rows], np.int64)
-    classes = np.array([r[5] for r in rows], np.int64)
-    masks = [bytes(r[6]) for r in rows]
-    vectors = np.stack([np.frombuffer(r[7], "<f4") for r in rows])
-    store = SegmentStore(folder / "s.sqlite", create=True)
+    ids = np.array([r[0] for r in rows], np.int64)
+    boxes = np.array([r[1:5] for r in rows], np.int64)
+    areas = np.array([r[5] for r in rows], np.int64)
+    classes = np.array([r[6] for r in rows], np.int64)
+    masks = [bytes(r[7]) for r in rows]
+    index = load_index(built / INDEX_FILE)
+    vectors = index.vectors()[np.searchsorted(index.ids, ids)]
+    out = folder / "inserts"
+    out.mkdir()
+    store = SegmentStore(out / "segments.sqlite", create=True)
     try:
-        import json
-
         store.set_meta({k: json.loads(v) for k, v in meta.items()})
         records = [ImageRecord(f"/data/{i}.png", f"{i}.png", 256, 256, boxes, areas, classes, masks,
                                vectors, f"{i:064x}") for i in range(n)]
         t = time.perf_counter()
         for a in range(0, n, batch):
-            store.add_images(records[a:a + batch])
+            add_batch(out, store, records[a:a + batch])
         return n / (time.perf_counter() - t)
     finally:
         store.close()
@@ -112,15 +123,22 @@ def main() -> None:
         rep = build_index(run, tmp / "data" / "images", tmp / "idx", progress=False)
         build_s = time.perf_counter() - t
         store_bytes = (tmp / "idx" / "segments.sqlite").stat().st_size
-        inserts = store_inserts_per_s(tmp / "idx" / "segments.sqlite", tmp)
+        index_file_bytes = (tmp / "idx" / INDEX_FILE).stat().st_size
+        inserts = store_inserts_per_s(tmp / "idx", tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     s_per_image = build_s / rep.added_images
     segs_per_image = rep.added_segments / rep.added_images
     store_per_seg = store_bytes / rep.added_segments
+    index_file_per_seg = index_file_bytes / rep.added_segments
 
     x = clustered(args.n_protos, args.dim)
-    per_proto = {k: index_bytes(k, x) for k in ("flat", "ivf", "ivfpq")}
+    files = Path(tempfile.mkdtemp(prefix="spml-scale-index-"))
+    try:
+        sizes = {k: index_bytes(k, x, files) for k in ("flat", "ivf", "ivfpq")}
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+    per_proto = {k: ram for k, (ram, _) in sizes.items()}
     pq = PrototypeIndex(args.dim, "ivfpq")
     pq.add(x)
     q = clustered(1000, args.dim, seed=1)
@@ -143,16 +161,21 @@ def main() -> None:
              f"* index build (untrained tiny model, {args.size}x{args.size} scenes, flip averaging, "
              f"{args.n_images} images, one process, one thread): **{s_per_image:.3f} s per image**, "
              f"**{segs_per_image:.0f} segments per image** (the 12x12 test grid), SQLite store "
-             f"**{store_per_seg:.0f} bytes per segment** (RLE mask, box, class, the D=32 vector); "
+             f"**{store_per_seg:.0f} bytes per segment** (RLE mask, box, class; no vector), the flat "
+             f"index file {index_file_per_seg:.0f} bytes per segment (the D=32 vector, id, "
+             "label); "
              f"the store takes in **{inserts:,.0f} images/s** (batches of 16, one transaction "
              "each).",
              f"* FAISS, D={args.dim}, {args.n_protos:,} prototypes: "
-             + ", ".join(f"{k} {v:.0f} bytes/prototype" for k, v in per_proto.items())
+             + ", ".join(f"{k} {ram:.0f} bytes/prototype in memory ({disk:.0f} in its file, "
+                         "with the exact vectors)" for k, (ram, disk) in sizes.items())
              + f"; ivfpq search {pq_ms:.2f} ms per query (nprobe default).", "",
              "## Estimate (linear in the collection)", "",
              "| | value |", "|---|---:|",
              f"| prototypes | {n_protos:,.0f} |",
-             f"| SQLite store (metadata, masks, vectors) | {gib(n_protos * store_per_seg)} |"]
+             f"| SQLite store (metadata, masks) | {gib(n_protos * store_per_seg)} |",
+             "| index files on disk (flat / ivf / ivfpq) | "
+             + " / ".join(gib(n_protos * disk) for _, disk in sizes.values()) + " |"]
     for k, v in per_proto.items():
         total = n_protos * v
         shards = max(1, int(np.ceil(total / node_bytes)))
@@ -169,7 +192,8 @@ def main() -> None:
               "`index build --shards N` splits it by id into N files that can be searched on N "
               "machines or GPUs (queries merge the shards' top-k). ivfpq keeps the whole "
               "collection in a few nodes' memory at the price of recall (see "
-              "`index_scale.md`). The SQLite store holds masks and vectors: at this size it "
+              "`index_scale.md`). The SQLite store holds metadata and masks (the vectors live only in "
+              "the index files): at this size it "
               "belongs on disk, not in memory (it is read per hit, not per query). The build "
               "itself scales with the workers: `index build --ray` runs one model replica per "
               "worker; the store is written by the driver alone, so its insert rate above bounds "

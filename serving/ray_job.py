@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from spml_deploy.engine.bundle import Bundle, load_bundle
 from spml_deploy.errors import ConfigError, SpmlError, require
 from spml_deploy.engine.pipeline import PipelineOptions, load_pipeline
-from spml_deploy.serving.retrieval import (IngestSettings, Segmented, _backend, open_model,
-                                           records_of)
+from spml_deploy.serving.ingest import (IngestSettings, Segmented, _backend, open_model,
+                                        records_of)
 from spml_deploy.serving.segment import (InputItem, JobReport, _write, plan_job, read_item,
                                          sweep_partial_files)
 
@@ -272,7 +272,7 @@ class IndexWorker:
 def ray_segmenter(model: str | Path | Bundle, *, address: str | None = None, workers: int | None = None,
                   cpus_per_worker: int = 1, batch: int = 4, backend: str = "torch",
                   device: str = "cpu", num_cpus: int | None = None, **backend_options: Any):
-    """A segmenter for :func:`spml_deploy.serving.retrieval.build_index` / ``add_to_index``
+    """A segmenter for :func:`spml_deploy.serving.ingest.build_index` / ``add_to_index``
     that runs on Ray (arguments as :func:`run_segment_job_ray`): the images are read, embedded
     and segmented by the actors; the driver receives the records ``batch`` images at a time."""
     def segment(todo: list, settings: IngestSettings) -> Iterator[Segmented]:

@@ -13,20 +13,20 @@ Tables
   image that is in the index; NULL in stores written before the column, which is added the
   first time such a store is written to).
 * ``segments(id INTEGER PRIMARY KEY, image_id, segment_index, x, y, w, h, area, class_id,
-  mask_rle BLOB, vector BLOB)``: ``id`` IS the FAISS id. Ids are dense: 0, 1, 2, ... in the order
-  the segments were added. Box and area are in original image pixels; ``vector`` is the float32
-  unit prototype (D values), kept so the FAISS index can be rebuilt or completed exactly.
+  mask_rle BLOB)``: ``id`` IS the prototype index id. Ids are dense: 0, 1, 2, ... in the order
+  the segments were added. Box and area are in original image pixels.
+
+The store keeps metadata only: the segments' vectors live in the prototype index file(s) of the
+folder, with ``class_id`` as their label (:mod:`spml_deploy.serving.vectors`, which also says how
+a batch's vectors are made durable before its commit). Stores of schema 1 kept every vector in a
+``segments.vector`` BLOB column as well: :attr:`SegmentStore.has_vector_column` tells them apart,
+:meth:`SegmentStore.column_vectors` reads that column and :meth:`SegmentStore.drop_vector_column`
+ends it (``index add`` migrates such a store).
 
 Masks (``mask_encoding = "rle-bbox-u32"``): the segment mask at ORIGINAL image resolution,
 cropped to the segment's box (h rows x w columns), flattened row-major and run-length encoded as
 little-endian uint32 run lengths alternating outside/inside, starting with an outside run (which
 may be 0). :func:`rle_encode` / :func:`rle_decode`.
-
-Consistency with the FAISS file: every ``add`` writes its images and segments (with vectors) in
-ONE SQLite transaction, and only after the commit writes the FAISS index file (atomically). So
-the index can lag behind the store (crash between the two steps) but never lead it, and the ids
-in the index are always ``0 .. ntotal-1``; :meth:`SegmentStore.vectors` gives the rows to add
-back (see ``retrieval.open_index``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import numpy as np
 from spml_deploy.errors import SpmlError
 
 STORE_FILE = "segments.sqlite"
-STORE_SCHEMA_VERSION = 1
+STORE_SCHEMA_VERSION = 2
 MASK_ENCODING = "rle-bbox-u32"
 
 _SCHEMA = """
@@ -64,8 +64,7 @@ CREATE TABLE IF NOT EXISTS segments (
     x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
     area INTEGER NOT NULL,
     class_id INTEGER NOT NULL,
-    mask_rle BLOB NOT NULL,
-    vector BLOB NOT NULL
+    mask_rle BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_image ON segments(image_id);
 """
@@ -130,7 +129,7 @@ class ImageRecord:
     areas: np.ndarray                 # [S] int pixels at original size
     class_ids: np.ndarray             # [S] int predicted class
     masks: list[bytes]                # S RLE blobs (rle-bbox-u32)
-    vectors: np.ndarray               # [S, D] float32 unit prototypes
+    vectors: np.ndarray               # [S, D] float32 unit prototypes (for the index, not SQLite)
     content_sha256: str | None = None  # content_hash of the decoded image
 
     @property
@@ -140,7 +139,7 @@ class ImageRecord:
 
 @dataclass
 class SegmentRow:
-    """One stored segment (``id`` = its FAISS id)."""
+    """One stored segment (``id`` = its prototype index id)."""
 
     id: int
     image_path: str
@@ -187,10 +186,12 @@ class SegmentStore:
             self._con.execute("PRAGMA synchronous=FULL")
             self._con.executescript(_SCHEMA)
             columns = {r[1] for r in self._con.execute("PRAGMA table_info(images)")}
+            seg_columns = {r[1] for r in self._con.execute("PRAGMA table_info(segments)")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"not a readable SQLite segment store ({exc})", path=self.path,
                              fix="rebuild the index (spml-deploy index build)") from exc
         self._has_hash = "content_sha256" in columns      # stores from before the column: no
+        self.has_vector_column = "vector" in seg_columns   # schema 1: vectors in SQLite too
         if self._has_hash:
             self._con.execute(_HASH_INDEX)
 
@@ -222,10 +223,16 @@ class SegmentStore:
     def add_images(self, records: Iterable[ImageRecord]) -> np.ndarray:
         """Insert images and their segments in ONE transaction; returns the new segment ids [N].
 
-        Ids continue the dense sequence (``count()`` .. ``count() + N - 1``) in record order.
-        Images already in the store (same path) must be filtered out by the caller.
+        Ids continue the dense sequence (:meth:`next_id` .. ``next_id() + N - 1``) in record
+        order; the caller makes the records' vectors durable first (see
+        :func:`spml_deploy.serving.vectors.add_batch`). Images already in the store (same path)
+        must be filtered out by the caller.
         """
         records = list(records)
+        if self.has_vector_column:
+            raise StoreError("this store has the old layout (vectors in SQLite) and cannot take "
+                             "new segments as it is", path=self.path,
+                             fix="add images with 'spml-deploy index add', which migrates it first")
         with self._lock:
             self._add_hash_column()
             self._con.execute("BEGIN IMMEDIATE")
@@ -240,13 +247,12 @@ class SegmentStore:
                         (rec.path, rec.rel, int(rec.width), int(rec.height), rec.num_segments,
                          rec.content_sha256))
                     image_id = cur.lastrowid
-                    vecs = np.ascontiguousarray(rec.vectors, dtype="<f4")
                     rows = [(next_id + s, image_id, s, *(int(v) for v in rec.boxes[s]),
-                             int(rec.areas[s]), int(rec.class_ids[s]), rec.masks[s],
-                             vecs[s].tobytes()) for s in range(rec.num_segments)]
+                             int(rec.areas[s]), int(rec.class_ids[s]), rec.masks[s])
+                            for s in range(rec.num_segments)]
                     self._con.executemany(
                         "INSERT INTO segments(id, image_id, segment_index, x, y, w, h, area, "
-                        "class_id, mask_rle, vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                        "class_id, mask_rle) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     next_id += rec.num_segments
                 self._con.execute("COMMIT")
             except BaseException:
@@ -291,18 +297,76 @@ class SegmentStore:
             return int(self._con.execute("SELECT COUNT(*) FROM images "
                                          "WHERE content_sha256 IS NULL").fetchone()[0])
 
-    def vectors(self, start: int = 0, stop: int | None = None, dim: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids [N] int64, vectors [N, D] float32) of the segments with ``start <= id < stop``."""
-        stop = self.count() if stop is None else int(stop)
+    def next_id(self) -> int:
+        """The id the next added segment gets (the largest id + 1; 0 for an empty store)."""
         with self._lock:
-            rows = self._con.execute("SELECT id, vector FROM segments WHERE id >= ? AND id < ? "
-                                     "ORDER BY id", (int(start), stop)).fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            return int(self._con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM segments")
+                       .fetchone()[0])
+
+    def class_ids(self, start: int, stop: int) -> np.ndarray:
+        """Predicted classes (the index labels) of the segments ``start <= id < stop``, int64
+        [stop - start] in id order."""
+        with self._lock:
+            rows = self._con.execute("SELECT class_id FROM segments WHERE id >= ? AND id < ? "
+                                     "ORDER BY id", (int(start), int(stop))).fetchall()
+        if len(rows) != stop - start:
+            raise StoreError(f"segments {start}..{stop - 1} are not all in the store", path=self.path,
+                             fix="rebuild the index (spml-deploy index build)")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def column_vectors(self, start: int, stop: int, dim: int) -> np.ndarray:
+        """Schema 1 only: the vectors [stop - start, dim] float32 of the segments ``start <= id <
+        stop`` from the ``segments.vector`` column."""
+        if not self.has_vector_column:
+            raise StoreError("this store keeps no vectors (they live in the index file)",
+                             path=self.path, fix="read them from the prototype index")
+        with self._lock:
+            rows = self._con.execute("SELECT vector FROM segments WHERE id >= ? AND id < ? "
+                                     "ORDER BY id", (int(start), int(stop))).fetchall()
+        if len(rows) != stop - start:
+            raise StoreError(f"segments {start}..{stop - 1} are not all in the store", path=self.path,
+                             fix="rebuild the index (spml-deploy index build)")
         if not rows:
-            return ids, np.zeros((0, dim or 0), np.float32)
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").astype(np.float32)
-        return ids, vecs.reshape(len(rows), -1)
+            return np.zeros((0, dim), np.float32)
+        vecs = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4").astype(np.float32)
+        return vecs.reshape(len(rows), dim)
+
+    # ---------------------------------------------------------------- maintenance
+    def drop_vector_column(self) -> None:
+        """Schema 1 -> current: drop ``segments.vector`` and record the schema version in one
+        transaction, then give the space back (VACUUM). Only once the vectors are saved in the
+        index file."""
+        with self._lock:
+            if not self.has_vector_column:
+                return
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                self._con.execute("ALTER TABLE segments DROP COLUMN vector")
+                self._con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                  ("schema_version", json.dumps(STORE_SCHEMA_VERSION)))
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self.has_vector_column = False
+            self._con.execute("VACUUM")
+
+    def truncate(self, n: int) -> int:
+        """Delete the segments with ``id >= n`` and the images they belong to (so that ``index
+        add`` segments those images again); returns the number of images deleted."""
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                images = [r[0] for r in self._con.execute(
+                    "SELECT DISTINCT image_id FROM segments WHERE id >= ?", (int(n),))]
+                self._con.executemany("DELETE FROM segments WHERE image_id = ?",
+                                      [(i,) for i in images])
+                self._con.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in images])
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+        return len(images)
 
     def segments(self, ids: Iterable[int]) -> list[SegmentRow]:
         """Rows for ``ids`` in the given order (unknown ids raise :class:`StoreError`)."""
@@ -322,7 +386,7 @@ class SegmentStore:
                                              r[8], r[9], bytes(r[10]), (r[11], r[12]), r[13])
         missing = [i for i in ids if i not in found]
         if missing:
-            raise StoreError(f"the FAISS index returned ids {missing[:5]} that the store does not "
+            raise StoreError(f"the prototype index returned ids {missing[:5]} that the store does not "
                              "hold", path=self.path,
                              fix="the index and store are out of sync; rebuild the index")
         return [found[i] for i in ids]

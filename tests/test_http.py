@@ -26,6 +26,7 @@ from spml_deploy.artifacts import read_manifest, write_manifest  # noqa: E402
 from spml_deploy.data.imageio import read_image  # noqa: E402
 from spml_deploy.engine.pipeline import load_pipeline
 from spml_deploy.serving import retrieval as R  # noqa: E402
+from spml_deploy.serving import ingest as IN  # noqa: E402
 from spml_deploy.serving.http import create_app  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
 
@@ -94,7 +95,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     run = small_run(root / "run")
     synthesize(root / "data", n_train=5, n_val=2, size=64, seed=1)
-    R.build_index(run, root / "data" / "images" / "train_*.png", root / "idx", progress=False)
+    IN.build_index(run, root / "data" / "images" / "train_*.png", root / "idx", progress=False)
     app = create_app(run, root / "idx", max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
                      max_k=20)
     with LiveServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:

@@ -12,7 +12,7 @@ pytest.importorskip("faiss")
 from test_retrieval import small_run  # noqa: E402
 
 from spml_deploy.cli import main  # noqa: E402
-from spml_deploy.serving import retrieval as R  # noqa: E402
+from spml_deploy.serving import ingest as IN  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def built(tmp_path_factory):
     src.mkdir()
     for p in sorted((root / "data" / "images").glob("train_*.png")):
         shutil.copy(p, src / p.name)
-    R.build_index(run, src, root / "idx", progress=False)
+    IN.build_index(run, src, root / "idx", progress=False)
     return root, run, root / "idx", src
 
 

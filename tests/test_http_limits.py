@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 from test_http import LiveServer, _one_torch_thread, small_run  # noqa: E402,F401
 
 from spml_deploy.serving import http as H  # noqa: E402
-from spml_deploy.serving import retrieval as R  # noqa: E402
+from spml_deploy.serving import ingest as IN  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("httplim")
     run = small_run(root / "run")
     synthesize(root / "data", n_train=5, n_val=2, size=64, seed=1)
-    R.build_index(run, root / "data" / "images" / "train_*.png", root / "idx", progress=False)
+    IN.build_index(run, root / "data" / "images" / "train_*.png", root / "idx", progress=False)
     return root, run, root / "idx"
 
 

@@ -25,6 +25,7 @@ from test_http import _one_torch_thread, small_run  # noqa: E402,F401
 
 from spml_deploy.data.imageio import read_image  # noqa: E402
 from spml_deploy.serving import retrieval as R  # noqa: E402
+from spml_deploy.serving import ingest as IN  # noqa: E402
 from spml_deploy.serving.http import request_memory_bytes  # noqa: E402
 from spml_deploy.data.synth import synthesize  # noqa: E402
 
@@ -40,7 +41,7 @@ def test_mixed_load_answers_every_valid_request_within_bounded_memory(tmp_path):
     run = small_run(tmp_path / "run")
     synthesize(tmp_path / "data", n_train=5, n_val=4, size=64, seed=4)
     images = tmp_path / "data" / "images"
-    R.build_index(run, images / "train_*.png", tmp_path / "idx", progress=False)
+    IN.build_index(run, images / "train_*.png", tmp_path / "idx", progress=False)
     bodies = L.payloads(images, MAX_PIXELS, MAX_UPLOAD, BIG_SIDE)
     jobs = L.mixed_jobs(64, bad_fraction=0.5, big_fraction=0.1, n_val=len(bodies["val"]),
                         size=64, seed=1)

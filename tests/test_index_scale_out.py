@@ -13,6 +13,9 @@ import pytest
 from spml_deploy.cli import main
 from spml_deploy.engine.index import ShardedIndex, load_index
 from spml_deploy.serving import retrieval as R
+from spml_deploy.serving import ingest as IN
+from spml_deploy.serving.store import SegmentStore
+from spml_deploy.serving import vectors as V
 from spml_deploy.data.synth import synthesize
 from test_retrieval import small_run
 
@@ -98,32 +101,44 @@ def test_shards_and_ray_give_the_single_process_index(setup):
 
 
 def test_index_filled_in_chunks_and_trained_on_a_sample(setup, monkeypatch):
-    """The FAISS index is filled from the store a chunk at a time, and a new ivf index is
-    trained once on an even sample, with nlist following the whole collection."""
+    """The index is filled a chunk at a time (vectors with their labels), and a new ivf index
+    is trained once on an even sample, with nlist following the whole collection."""
     root, run, src = setup
     one = root / "one"
     if not (one / "segments.sqlite").exists():
-        R.build_index(run, src, one, progress=False)
-    store = R.SegmentStore(one / "segments.sqlite")
+        IN.build_index(run, src, one, progress=False)
+    store = SegmentStore(one / "segments.sqlite")
     try:
         n, dim = store.count(), int(store.meta()["embed_dim"])
-        monkeypatch.setattr(R, "FILL_CHUNK", 100)
-        monkeypatch.setattr(R, "TRAIN_SAMPLE", 300)
-        flat = R.new_index(dim, "flat")
-        R._fill(flat, store, 0, n, dim)
-        ids, vecs = store.vectors(0, n, dim)
+        built = load_index(one / "prototypes.npz")
+        ids, vecs = built.ids, built.vectors()
+        labels = store.class_ids(0, n)
+        np.testing.assert_array_equal(ids, np.arange(n))
+        np.testing.assert_array_equal(built.labels, labels)        # label = the segment's class
+        reads = []
+
+        def read(a, b):
+            reads.append((a, b))
+            return vecs[a:b], labels[a:b]
+
+        monkeypatch.setattr(V, "FILL_CHUNK", 100)
+        monkeypatch.setattr(V, "TRAIN_SAMPLE", 300)
+        flat = V.new_index(dim, "flat")
+        V.fill_index(flat, read, 0, n)
+        assert max(b - a for a, b in reads) == 100
         np.testing.assert_array_equal(flat.ids, ids)
+        np.testing.assert_array_equal(flat.labels, labels)
         q = vecs[::50]
-        truth = R.new_index(dim, "flat")
+        truth = V.new_index(dim, "flat")
         truth.add(vecs, ids)
         for a, b in zip(flat.search(q, 5), truth.search(q, 5)):
             np.testing.assert_array_equal(a, b)
         trained = []
-        ivf = R.new_index(dim, "ivf", {"shards": 2})
+        ivf = V.new_index(dim, "ivf", {"shards": 2})
         original = ShardedIndex.train
         monkeypatch.setattr(ShardedIndex, "train", lambda self, v, n_total=None: (
             trained.append((len(v), n_total)), original(self, v, n_total))[1])
-        R._fill(ivf, store, 0, n, dim)
+        V.fill_index(ivf, read, 0, n)
         assert trained == [(len(vecs[::-(-n // 300)]), n)]     # one training, on the sample
         assert ivf.ntotal == n and np.array_equal(ivf.ids, ids)
         nlist = ivf.shards[0].params["nlist"]

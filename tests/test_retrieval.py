@@ -30,6 +30,10 @@ from spml_deploy.engine.forward import Engine
 from spml_deploy.data.imageio import read_image, read_label_png
 from spml_deploy.engine.preprocess import preprocess
 from spml_deploy.serving import retrieval as R
+from spml_deploy.errors import SpmlError
+from spml_deploy.serving import ingest as IN
+from spml_deploy.serving import segments as SG
+from spml_deploy.serving import vectors as V
 from spml_deploy.serving.store import (ImageRecord, SegmentStore, StoreError, rle_decode,
                                        rle_encode)
 from spml_deploy.data.synth import SCENE_CLASSES, synthesize
@@ -76,7 +80,7 @@ def index6(tmp_path_factory, run, scenes) -> Path:
     for p in sorted((scenes / "images").glob("train_*.png"))[:6]:
         shutil.copy(p, src / p.name)
     out = tmp_path_factory.mktemp("idx") / "index"
-    R.build_index(run, src, out, progress=False)
+    IN.build_index(run, src, out, progress=False)
     return out
 
 
@@ -100,9 +104,9 @@ def test_rle_hand_example_and_roundtrip():
 
 def test_pixel_to_cell_hand_example():
     # 10 original pixels resized to 20: centres 1, 3, ..., 19 -> cells floor(c / 4)
-    assert R.pixel_to_cell(10, 20, 5).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert SG.pixel_to_cell(10, 20, 5).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     # downscale 12 -> 6 (cells of 4 resized px = 8 original px); clipped to the 2 valid cells
-    assert R.pixel_to_cell(12, 6, 2).tolist() == [0] * 8 + [1] * 4
+    assert SG.pixel_to_cell(12, 6, 2).tolist() == [0] * 8 + [1] * 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ def test_segments_match_slow_reference(run, scenes):
     pp = be.manifest.preprocess
     images = [read_image(scenes / "images" / "val_00000.png"),
               read_image(scenes / "images" / "val_00001.png")[:50, :37]]   # non-square: padding
-    segs = R.segment_images(be, pp, images, (12, 12), 10, be.num_classes)
+    segs = SG.segment_images(be, pp, images, (12, 12), 10, be.num_classes)
     phi, logits, valid, preps = _embed(be, pp, images)
     for i, (seg, img) in enumerate(zip(segs, images)):
         H, W = img.shape[:2]
@@ -150,6 +154,13 @@ def test_segments_match_slow_reference(run, scenes):
 
 # ------------------------------------------------------------------------------------------
 # FAISS index against brute force
+
+
+def index_vectors(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N], vectors [N, D]) held by ``index``, by increasing id (the store keeps none)."""
+    ids = np.asarray(index.ids)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], index.vectors()[order]
 
 
 def _exact_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +213,7 @@ def test_index_keeps_its_flip_setting(run, scenes, tmp_path):
         assert r.flip is False and r.info()["flip"] is False
         seg = r.segment(read_image(img_path))
         y, x = np.argwhere(seg.segment_map() == int(np.argmax(seg.areas)))[0]
-        flipped = R.segment_images(r.backend, r.manifest.preprocess, [read_image(img_path)],
+        flipped = SG.segment_images(r.backend, r.manifest.preprocess, [read_image(img_path)],
                                    r.grid, r.iters, len(r.classes), flip=True)[0]
     res = CliRunner().invoke(cli, ["query", str(tmp_path / "idx"), str(img_path), "--point",
                                    f"{x},{y}", "-k", "1", "--json", "--include-self"])
@@ -232,8 +243,8 @@ def test_flat_index_equals_brute_force(index6):
     from spml_deploy.engine.index import ExactIndex
 
     with SegmentStore(index6 / "segments.sqlite") as st:
-        ids, vecs = st.vectors()
-        index = R.sync_index(index6, st, save=False)
+        index = IN.sync_index(index6, st, save=False)
+    ids, vecs = index_vectors(index)
     assert np.array_equal(ids, np.arange(len(ids))) and index.ntotal == len(ids)
     q = _queries(vecs, 40, 0.05, 1)
     scores, got = index.search(q, 10)
@@ -256,10 +267,10 @@ def test_gpu_index_matches_cpu(index6, tmp_path):
     if not gpu_available():
         pytest.skip("faiss-gpu with a visible GPU is not installed here")
     with SegmentStore(index6 / "segments.sqlite") as st:
-        ids, vecs = st.vectors()
-        gpu = R.sync_index(index6, st, save=False)
+        gpu = IN.sync_index(index6, st, save=False)
+    ids, vecs = index_vectors(gpu)
     assert gpu.on_gpu
-    cpu = R._index_api().PrototypeIndex(vecs.shape[1], "flat", use_gpu=False)
+    cpu = V._index_api().PrototypeIndex(vecs.shape[1], "flat", use_gpu=False)
     cpu.add(vecs, ids)
     q = _queries(vecs, 40, 0.05, 3)
     (gs, gi), (cs, ci) = gpu.search(q, 10), cpu.search(q, 10)
@@ -269,15 +280,16 @@ def test_gpu_index_matches_cpu(index6, tmp_path):
 @pytest.mark.parametrize("index_type,options,min_recall", [
     ("ivf", {}, 0.9), ("hnsw", {}, 0.95), ("ivfpq", {"rerank": 8}, 0.8)])
 def test_approximate_index_recall(index6, tmp_path, index_type, options, min_recall):
-    """Rebuild the index of another type from the stored vectors; recall@10 vs exact."""
-    d = tmp_path / "idx"
-    shutil.copytree(index6, d)
-    (d / R.INDEX_FILE).unlink()
-    with SegmentStore(d / "segments.sqlite") as st:
-        st.set_meta({"index_type": index_type, "index_options": options})
-        index = R.sync_index(d, st)
-        ids, vecs = st.vectors()
-    assert (d / R.INDEX_FILE).is_file() and index.ntotal == len(ids)
+    """Build the index of another type from the flat index's vectors (as ``sync_index`` fills
+    one, trained on them); recall@10 vs exact."""
+    with SegmentStore(index6 / "segments.sqlite") as st:
+        ids, vecs = index_vectors(IN.sync_index(index6, st, save=False))
+        labels = st.class_ids(0, len(ids))
+    index = V.new_index(vecs.shape[1], index_type, options)
+    V.fill_index(index, lambda a, b: (vecs[a:b], labels[a:b]), 0, len(ids))
+    index.save(tmp_path / "approx.npz")
+    index = V.load_index_file(tmp_path / "approx.npz")
+    assert index.ntotal == len(ids) and np.array_equal(index.labels[np.argsort(index.ids)], labels)
     q = _queries(vecs, 60, 0.1, 2)
     _, got = index.search(q, 10)
     _, ref = _exact_topk(vecs, q, 10)
@@ -296,27 +308,28 @@ def test_interrupted_add_is_completed_on_open(index6, scenes, tmp_path, monkeypa
     more.mkdir()
     for p in sorted((scenes / "images").glob("train_*.png"))[6:9]:
         shutil.copy(p, more / p.name)
-    n0 = R._load_index(d / R.INDEX_FILE).ntotal
+    n0 = V.load_index_file(d / V.INDEX_FILE).ntotal
 
     def crash(*a, **k):       # killed after the store commit, before the index write
         raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(R, "sync_index", crash)
+    monkeypatch.setattr(IN, "sync_index", crash)
     with pytest.raises(KeyboardInterrupt):
-        R.add_to_index(d, more, progress=False)
+        IN.add_to_index(d, more, progress=False)
     monkeypatch.undo()
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
         assert st.num_images() == 9
-    assert n > n0 == R._load_index(d / R.INDEX_FILE).ntotal       # the index lags the store
+    assert n > n0 == V.load_index_file(d / V.INDEX_FILE).ntotal       # the index lags the store
     with R.Retriever(d) as r:                                       # open -> completed
         assert len(r) == n
         assert np.array_equal(r.index.ids, np.arange(n))
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         _, top = r.index.search(vecs, 1)
         assert np.array_equal(top[:, 0], ids) or np.mean(top[:, 0] == ids) > 0.99
-    assert R._load_index(d / R.INDEX_FILE).ntotal == n             # and written back
-    rep = R.add_to_index(d, more, progress=False)                   # rerun: nothing twice
+    assert V.load_index_file(d / V.INDEX_FILE).ntotal == n             # and written back
+    assert V.pending_batches(d) == []                                # merged pending files gone
+    rep = IN.add_to_index(d, more, progress=False)                   # rerun: nothing twice
     assert (rep.added_images, rep.skipped_images, rep.total_segments) == (0, 3, n)
 
 
@@ -336,18 +349,19 @@ def test_failed_transaction_leaves_store_unchanged(index6, tmp_path):
 
 
 def test_index_file_ahead_of_store_is_rebuilt(index6, tmp_path):
-    """A FAISS file with ids the store lacks (never written by this code: a file copied by
-    hand) is rebuilt from the store's vectors instead of returning orphan ids."""
+    """An index file with ids the store lacks (never written by this code: a file copied by
+    hand) is rebuilt from its vectors of the store's ids instead of returning orphan ids."""
     d = tmp_path / "idx"
     shutil.copytree(index6, d)
     with SegmentStore(d / "segments.sqlite") as st:
         n = st.count()
-        ids, vecs = st.vectors()
-        bigger = R.new_index(vecs.shape[1], "flat")
+        ids, vecs = index_vectors(V.load_index_file(d / V.INDEX_FILE))
+        bigger = V.new_index(vecs.shape[1], "flat")
         bigger.add(np.concatenate([vecs, vecs[:5]]), np.arange(n + 5))
-        bigger.save(d / R.INDEX_FILE)
-        index = R.sync_index(d, st)
+        bigger.save(d / V.INDEX_FILE)
+        index = IN.sync_index(d, st)
     assert index.ntotal == n and np.array_equal(index.ids, np.arange(n))
+    assert np.array_equal(index_vectors(index)[1], vecs)
 
 
 def test_model_mismatch_is_refused(index6, tmp_path):
@@ -358,19 +372,19 @@ def test_model_mismatch_is_refused(index6, tmp_path):
     with pytest.raises(StoreError, match="resizes images to 96 px but this index was built at 64"):
         R.Retriever(index6, same_weights_larger_input)
     with pytest.raises(StoreError, match="resizes images to 96"):
-        R.add_to_index(index6, tmp_path, model_path=same_weights_larger_input, progress=False)
+        IN.add_to_index(index6, tmp_path, model_path=same_weights_larger_input, progress=False)
 
 
 def test_build_refuses_existing_index_and_reports_bad_images(run, index6, tmp_path, scenes):
-    with pytest.raises(R.SpmlError, match="already holds an index"):
-        R.build_index(run, scenes / "images", index6, progress=False)
+    with pytest.raises(SpmlError, match="already holds an index"):
+        IN.build_index(run, scenes / "images", index6, progress=False)
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(scenes / "images" / "val_00000.png", src / "ok.png")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    rep = R.build_index(run, src, tmp_path / "idx", progress=False)
+    rep = IN.build_index(run, src, tmp_path / "idx", progress=False)
     assert rep.added_images == 1 and [Path(p).name for p, _ in rep.failed] == ["broken.png"]
-    assert "broken.png" in (tmp_path / "idx" / R.FAILED_FILE).read_text()
+    assert "broken.png" in (tmp_path / "idx" / IN.FAILED_FILE).read_text()
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,12 +418,12 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
         box = (3, 5, 20, 11)
         bm = np.zeros(full.shape, bool)
         bm[5:16, 3:23] = True
-        vb, _ = R.query_vector(seg, box=box)
+        vb, _ = SG.query_vector(seg, box=box)
         assert np.allclose(vb, slow(bm), atol=1e-5)
-        vm, _ = R.query_vector(seg, mask=full == s)
+        vm, _ = SG.query_vector(seg, mask=full == s)
         assert np.allclose(vm, slow(full == s), atol=1e-5)
         assert np.allclose(vm, seg.vectors[s], atol=1e-5)   # a whole segment: its prototype
-        vbm, _ = R.query_vector(seg, mask=bm)
+        vbm, _ = SG.query_vector(seg, mask=bm)
         assert np.allclose(vbm, vb, atol=1e-6)
 
         # mask file (white on black) through the query API
@@ -419,7 +433,7 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
         assert hm[0].segment_id == hits[0].segment_id
 
         # class filter: the filtered exact ranking
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         cls = np.array([row.class_id for row in r.store.segments(ids)])
         target = int(np.bincount(cls).argmax())
         hc, _ = r.query(image, point=(px, py), k=7, class_name=r.classes[target],
@@ -437,9 +451,9 @@ def test_query_point_box_mask(index6, scenes, tmp_path):
                             ({"mask": np.zeros((H, W), bool)}, "empty"),
                             ({"mask": np.ones((H + 1, W), bool)}, "size"),
                             ({"point": (1, 1), "box": (0, 0, 2, 2)}, "exactly one"), ({}, "exactly one")]:
-            with pytest.raises(R.QueryError, match=msg):
+            with pytest.raises(SG.QueryError, match=msg):
                 r.query(image, **kwargs)
-        with pytest.raises(R.QueryError, match="unknown class"):
+        with pytest.raises(SG.QueryError, match="unknown class"):
             r.query(image, point=(1, 1), class_name="unicorn")
 
 
@@ -536,7 +550,7 @@ def test_oracle_retrieval_precision(run, scenes, tmp_path):
     train.mkdir()
     for p in sorted((scenes / "images").glob("train_*.png")):
         shutil.copy(p, train / p.name)
-    R.build_index(run, train, tmp_path / "idx", backend=oracle, progress=False)
+    IN.build_index(run, train, tmp_path / "idx", backend=oracle, progress=False)
     with R.Retriever(tmp_path / "idx", backend_obj=oracle) as r:
         p10, n = precision_at_k(r, scenes, 10)
     print(f"oracle embedding: precision@10 {p10:.3f} over {n} queries")
@@ -551,7 +565,7 @@ def test_random_embedding_precision_is_low(run, scenes, tmp_path):
     train.mkdir()
     for p in sorted((scenes / "images").glob("train_*.png"))[:12]:
         shutil.copy(p, train / p.name)
-    R.build_index(run, train, tmp_path / "idx", backend=oracle, progress=False)
+    IN.build_index(run, train, tmp_path / "idx", backend=oracle, progress=False)
     with R.Retriever(tmp_path / "idx", backend_obj=oracle) as r:
         p10, _ = precision_at_k(r, scenes, 10)
     print(f"noise embedding: precision@10 {p10:.3f}")
@@ -573,7 +587,7 @@ def test_trained_model_reaches_the_precision_target(tmp_path):
     from spml_deploy.serving.retrieval_quality import point_query_precision
 
     synthesize(tmp_path / "data", n_train=256, n_val=64, size=128, seed=0)
-    R.build_index(TRAINED_MODEL, str(tmp_path / "data" / "images" / "train_*.png"),
+    IN.build_index(TRAINED_MODEL, str(tmp_path / "data" / "images" / "train_*.png"),
                   tmp_path / "idx", progress=False)
     with R.Retriever(tmp_path / "idx") as r:
         assert r.flip and len(r.store.image_paths()) == 256
@@ -625,7 +639,7 @@ def test_trained_model_retrieval_precision(tmp_path):
     (tmp_path / "index-images").mkdir()
     for p in index_images:
         shutil.copy(p, tmp_path / "index-images" / p.name)
-    R.build_index(tmp_path / "bundle", tmp_path / "index-images", tmp_path / "idx",
+    IN.build_index(tmp_path / "bundle", tmp_path / "index-images", tmp_path / "idx",
                   progress=False)
     with R.Retriever(tmp_path / "idx") as r:
         p10, n = precision_at_k(r, tmp_path / "data", 10)
@@ -652,8 +666,8 @@ def test_segment_geometry_equals_the_full_size_map(orig, resized):
     n = 7
     local = rng.integers(0, n + 1, (hv, wv)).astype(np.int32)      # n = no segment
     local[:, :3] = rng.integers(0, 3, (hv, 1))                       # some larger segments
-    row_cell, col_cell = R.pixel_to_cell(H, rh, hv), R.pixel_to_cell(W, rw, wv)
-    keep, boxes, areas, masks = R.segment_geometry(local, n, row_cell, col_cell)
+    row_cell, col_cell = SG.pixel_to_cell(H, rh, hv), SG.pixel_to_cell(W, rw, wv)
+    keep, boxes, areas, masks = SG.segment_geometry(local, n, row_cell, col_cell)
     full = local[row_cell[:, None], col_cell[None, :]]
     want = [s for s in range(n) if (full == s).any()]
     assert keep.tolist() == want
@@ -668,20 +682,20 @@ def test_segment_geometry_equals_the_full_size_map(orig, resized):
     mask = rng.random((H, W)) < 0.3
     ys, xs = np.nonzero(mask)
     ref = np.bincount(row_cell[ys] * wv + col_cell[xs], minlength=hv * wv).reshape(hv, wv)
-    assert np.array_equal(R._cell_counts(mask, row_cell, col_cell, hv, wv), ref)
+    assert np.array_equal(SG._cell_counts(mask, row_cell, col_cell, hv, wv), ref)
 
 
 def test_coordinates_are_whole_pixels():
-    assert R.parse_coords("12, 7", 2, "point") == (12, 7)
-    assert R.parse_coords("12.0,7", 2, "point") == (12, 7)          # integral: accepted
-    assert R.parse_coords((1, 2, 3, 4), 4, "box") == (1, 2, 3, 4)
+    assert SG.parse_coords("12, 7", 2, "point") == (12, 7)
+    assert SG.parse_coords("12.0,7", 2, "point") == (12, 7)          # integral: accepted
+    assert SG.parse_coords((1, 2, 3, 4), 4, "box") == (1, 2, 3, 4)
     for value, msg in [("1.5,2.5", "whole pixels"), ("1,2,3", "2 finite"), ("a,b", "2 numbers"),
                        ("nan,1", "finite")]:
-        with pytest.raises(R.QueryError, match=msg) as err:
-            R.parse_coords(value, 2, "point")
+        with pytest.raises(SG.QueryError, match=msg) as err:
+            SG.parse_coords(value, 2, "point")
         assert "point" in err.value.message
-    with pytest.raises(R.QueryError, match="whole pixels") as err:
-        R.parse_coords("0,0,10.5,4", 4, "box")
+    with pytest.raises(SG.QueryError, match="whole pixels") as err:
+        SG.parse_coords("0,0,10.5,4", 4, "box")
     assert "box 0,0,10,4" in err.value.fix
 
 
@@ -706,7 +720,7 @@ def test_query_image_in_the_index_is_left_out(index6, scenes, tmp_path):
         hits, desc = r.query(copy, point=(px, py), k=8)
         assert desc["in_index"] is True and desc["excluded_images"] == 1
         assert all(h.image_rel != src.name for h in hits) and len(hits) == 8
-        ids, vecs = r.store.vectors()
+        ids, vecs = index_vectors(r.index)
         rows = r.store.segments(ids)
         other = np.array([row.image_rel != src.name for row in rows])
         ref_scores, ref_ids = _exact_topk(vecs[other], seg.vectors[s][None], 8)
@@ -742,14 +756,14 @@ def test_index_from_before_content_hashes_still_works(index6, scenes, tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     shutil.copy(scenes / "images" / "train_00010.png", new / "n.png")
-    rep = R.add_to_index(idx, new, progress=False)
+    rep = IN.add_to_index(idx, new, progress=False)
     assert rep.added_images == 1
     with R.Retriever(idx) as r:
         _, desc = r.query(new / "n.png", point=(5, 5), k=3)
         assert desc["in_index"] is True and desc["excluded_images"] == 1
         _, desc = r.query(indexed, point=(5, 5), k=3)
         assert desc["in_index"] is None          # old images still have no hash
-        rels = {row.image_rel for row in r.store.segments(r.store.vectors()[0])}
+        rels = {row.image_rel for row in r.store.segments(range(r.store.count()))}
     assert "n.png" in rels                       # no images_root: named relative to IMAGES
 
 
@@ -762,13 +776,13 @@ def test_images_are_named_relative_to_the_build_folder(run, scenes, tmp_path):
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     shutil.copy(scenes / "images" / "train_00000.png", root / "a" / "x.png")
-    R.build_index(run, root, tmp_path / "idx", progress=False)
+    IN.build_index(run, root, tmp_path / "idx", progress=False)
     shutil.copy(scenes / "images" / "train_00001.png", root / "b" / "y.png")
-    R.add_to_index(tmp_path / "idx", root / "b", progress=False)
+    IN.add_to_index(tmp_path / "idx", root / "b", progress=False)
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(scenes / "images" / "train_00002.png", other / "z.png")
-    R.add_to_index(tmp_path / "idx", other, progress=False)
+    IN.add_to_index(tmp_path / "idx", other, progress=False)
     with R.Retriever(tmp_path / "idx") as r:
         assert r.meta["images_root"] == str(root.resolve())
         hits, _ = r.query(scenes / "images" / "val_00000.png", point=(3, 3), k=len(r))

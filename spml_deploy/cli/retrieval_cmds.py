@@ -21,7 +21,7 @@ class _Coords(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        from spml_deploy.serving.retrieval import QueryError, parse_coords
+        from spml_deploy.serving.segments import QueryError, parse_coords
 
         try:
             return parse_coords(value, self.n, self.what)
@@ -95,7 +95,7 @@ def index_build(model: Path, images: str, out: Path, index_type: str, nlist: int
     Unreadable images are reported (failed.txt) and skipped; exit code 1 then.
     An interrupted build keeps the finished batches: finish it with 'spml-deploy index add'.
     """
-    from spml_deploy.serving.retrieval import build_index
+    from spml_deploy.serving.ingest import build_index
 
     options = _index_options(nlist, nprobe, ef_search)
     if shards > 1:
@@ -138,7 +138,7 @@ def index_add(index_dir: Path, images: str, model: Path | None, backend: str, de
     Images below the folder given to 'index build' are named relative to it, others relative
     to IMAGES.
     """
-    from spml_deploy.serving.retrieval import add_to_index, index_model
+    from spml_deploy.serving.ingest import add_to_index, index_model
 
     try:
         segmenter = _index_segmenter(model or index_model(index_dir), ray_address, ray_workers,
@@ -192,7 +192,8 @@ def query_cmd(index_dir: Path, image: Path, point: tuple | None, box: tuple | No
     image on this machine (the HTTP service shows paths relative to the indexed folder).
     """
     from spml_deploy.data.imageio import read_image
-    from spml_deploy.serving.retrieval import Retriever, query_region, read_mask, render_hits
+    from spml_deploy.serving.retrieval import Retriever, render_hits
+    from spml_deploy.serving.segments import query_region, read_mask
 
     if sum(v is not None for v in (point, box, mask)) != 1:
         raise click.UsageError("give exactly one of --point X,Y, --box X,Y,W,H or --mask M.png")
