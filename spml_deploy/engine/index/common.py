@@ -136,6 +136,28 @@ class LabelledIndex:
         raise NotImplementedError
 
 
+class StoredIndex(LabelledIndex):
+    """An index that keeps its ids and labels in insertion order (``_ids``, ``_labels``: int64
+    arrays [ntotal]; label -1 = none): the exact and the FAISS index."""
+
+    _ids: np.ndarray
+    _labels: np.ndarray
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._ids.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Stored ids in insertion order [ntotal]."""
+        return self._ids.copy()
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label of every stored vector in insertion order [ntotal] (-1 = none)."""
+        return self._labels.copy()
+
+
 def require_votable(index: Any, num_classes: int) -> None:
     """SpmlError for an empty index; ValueError for labels outside -1..num_classes-1 (checked
     once per ``num_classes``)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spml_deploy.engine.index.common import (ArrayLike, LabelledIndex, as_ids, as_labels,
+from spml_deploy.engine.index.common import (ArrayLike, StoredIndex, as_ids, as_labels,
                                              as_tensor, as_vectors, check_unit, read_npz,
                                              require_votable, save_npz, vote_of)
 from spml_deploy.errors import ManifestError
@@ -95,7 +95,7 @@ class MemoryMatrix:
         return val, best.gather(1, j % k) + n * torch.div(j, k, rounding_mode="floor")
 
 
-class ExactIndex(LabelledIndex):
+class ExactIndex(StoredIndex):
     """Exact inner-product index of unit prototypes in torch, with ids and labels.
 
     Searched by :meth:`MemoryMatrix.topk` (laid out once after the last :meth:`add`); on a CUDA
@@ -127,20 +127,6 @@ class ExactIndex(LabelledIndex):
         out = cls(int(np.shape(vectors)[-1]), dtype, device)
         out.add(vectors, ids, labels)
         return out
-
-    @property
-    def ntotal(self) -> int:
-        return int(self._ids.shape[0])
-
-    @property
-    def ids(self) -> np.ndarray:
-        """Stored ids in insertion order [ntotal]."""
-        return self._ids.copy()
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Label of every stored vector in insertion order [ntotal] (-1 = none)."""
-        return self._labels.copy()
 
     @property
     def is_trained(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from spml_deploy.engine.index.common import (INDEX_TYPES, ArrayLike, LabelledIndex, as_ids,
+from spml_deploy.engine.index.common import (INDEX_TYPES, ArrayLike, StoredIndex, as_ids,
                                              as_labels, as_vectors, check_unit, read_index_meta,
                                              read_npz, save_npz)
 from spml_deploy.engine.index.exact import ExactIndex
@@ -34,7 +34,7 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-class PrototypeIndex(LabelledIndex):
+class PrototypeIndex(StoredIndex):
     """FAISS inner-product index of unit prototypes with int64 ids and labels (-1 = none).
 
     The FAISS structure is created on the first :meth:`add` (or :meth:`train`), so that its
@@ -88,20 +88,6 @@ class PrototypeIndex(LabelledIndex):
             self._want_gpu = False
 
     # -- structure ---------------------------------------------------------------------------
-    @property
-    def ntotal(self) -> int:
-        return int(self._ids.shape[0])
-
-    @property
-    def ids(self) -> np.ndarray:
-        """Stored ids in insertion order [ntotal]."""
-        return self._ids.copy()
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Label of every stored vector in insertion order [ntotal] (-1 = none)."""
-        return self._labels.copy()
-
     @property
     def is_trained(self) -> bool:
         return self._index is not None and bool(self._index.is_trained)
