@@ -261,11 +261,15 @@ def _save_memory(run_dir: Path, cfg: RunConfig, protos: np.ndarray, labels: np.n
 
 
 def memory_from_labels(net, pairs: list[tuple[Path, Path]], cfg: RunConfig, device,
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                       progress: bool = True, classifier: torch.nn.Module | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Spec 7.3 memory of (image, label PNG) pairs: k-means segments (test grid) of every image,
-    majority-vote labels. One pass (``net``'s embeddings; any classifier)."""
+    majority-vote labels. One pass over ``net``'s embeddings; the engine's logits are not used,
+    so ``classifier`` is any classifier of the run (default: a one-class stand-in)."""
     memory = _Memory(cfg)
-    model = SegmentationModel(net, PixelClassifier(cfg.model.embed_dim, 1).to(device))
+    if classifier is None:
+        classifier = PixelClassifier(cfg.model.embed_dim, 1).to(device)
+    model = SegmentationModel(net, classifier)
     labels = dict(pairs)
     for seen in _passes(model, cfg, [p for p, _ in pairs], Path, device, "prototype memory",
                         progress):
@@ -312,7 +316,8 @@ def finish_run(run_dir: Path, cfg: RunConfig, C: int, net, f0, items, records_by
         _classifier_stage(run_dir / CLASSIFIER, net, final_pairs, cfg, C, device, iters,
                           progress, "classifier f2")
         if need_memory:
-            _save_memory(run_dir, cfg, *memory_from_labels(net, final_pairs, cfg, device, progress))
+            _save_memory(run_dir, cfg, *memory_from_labels(net, final_pairs, cfg, device, progress,
+                                                           classifier=f0))
     else:
         def algorithm1(seen: Seen) -> np.ndarray:
             present = _present(read_label_png(seen.item.label), C, device)
