@@ -88,8 +88,8 @@ from spml_deploy.engine.chebyshev_walk import (  # noqa: F401  (re-exports)
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "dense", "matvec", "topk", "chebyshev")
-#: ``auto`` uses dense squaring up to this many cells (measured crossover with ``chebyshev``,
-#: ~300-400 cells for C = 2..21 on the 2-core AMD EPYC, one thread).
+#: ``auto`` uses dense squaring up to this many cells (the measured crossover with
+#: ``chebyshev`` on the CPU: ``benchmarks/results/refine_speed.md``).
 DENSE_MAX_CELLS = 400
 #: Fraction of the free CUDA memory the walk's ``N x N`` matrices may take by default.
 CUDA_BUDGET_FRACTION = 0.5

@@ -70,8 +70,7 @@ def fused_plan(device: torch.device, num_groups: int, batch: int) -> FusedPlan:
     on the CPU chunks of ``FUSED_CPU_CHUNK_ELEMENTS`` (cache-sized), ``index_add_`` group sums;
     on CUDA large chunks (:func:`cuda_chunk_elements`) and one-hot matmul group sums; on both
     the bound shift and (one shared pool) group ranges, which made the co-occurrence term's
-    forward + backward 23-25 % faster on the 2-core development CPU
-    (``benchmarks/results/train_step_cpu.md``); elsewhere ``MAX_CHUNK_ELEMENTS`` and the
+    forward + backward faster on the CPU (``benchmarks/results/train_step_cpu.md``); elsewhere ``MAX_CHUNK_ELEMENTS`` and the
     one-hot matmul."""
     if device.type == "cpu":
         return FusedPlan(FUSED_CPU_CHUNK_ELEMENTS, bound_shift=True,
